@@ -1,0 +1,1 @@
+"""Shared, Lightning-free logic for cspine: DICOM/NIfTI I/O, geometry, labels, index, folds, metric."""

@@ -1,0 +1,407 @@
+"""The one module that owns geometry: slice order, orientation, affines, resampling, voxel↔mm.
+
+Conventions (the whole project follows them; nothing else flips, transposes or orders slices):
+
+* **World frame: RAS+ millimetres**, as in NIfTI, nibabel and MONAI. DICOM positions are LPS; they
+  are converted here, once, with ``LPS_TO_RAS``.
+* **Array axis order (X, Y, Z)** for a DICOM series: ``X`` = column index (along the first
+  ImageOrientationPatient vector), ``Y`` = row index (along the second IOP vector), ``Z`` = slice
+  index after sorting the slices by ImagePositionPatient projected on the slice normal
+  ``n = row_dir × col_dir``, **ascending** (k = 0 is the lowest projection; for RSNA's axial
+  IOP (1,0,0,0,1,0) that is the most inferior slice). File names and InstanceNumber are never
+  used for geometry; the file number survives only as ``Volume.file_numbers[k]``.
+* **Affine**: a 4×4 float64 matrix mapping voxel indices (i, j, k) (voxel centres) to RAS mm.
+  Tensors in the models are (C, X, Y, Z).
+* Labels are resampled with nearest neighbour only; images with linear interpolation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import nibabel as nib
+import numpy as np
+from nibabel import orientations as nio
+from scipy import ndimage
+
+#: DICOM patient coordinates (LPS) → NIfTI/RAS world, and back (the matrix is its own inverse).
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+AIR_HU = -1024
+
+
+class GeometryError(ValueError):
+    """Geometry that cannot be interpreted safely (bad affine, mask that does not fit the CT)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+
+
+@dataclass
+class Volume:
+    """A CT volume with the geometry needed to map it anywhere.
+
+    Attributes:
+        hu: int16 array (X, Y, Z) in Hounsfield units (rescale applied, padding mapped to -1024).
+        affine: float64 (4, 4), voxel (i, j, k) → RAS mm.
+        file_numbers: int64 (Z,), the ``<n>`` of ``<n>.dcm`` for each sorted slice (the key into
+            ``train_bounding_boxes.csv``); ``-1`` where a slice was synthesised by repair.
+        study_uid: the study folder name.
+        qc: the per-study QC record (a plain dict, JSON serialisable).
+    """
+
+    hu: np.ndarray
+    affine: np.ndarray
+    file_numbers: np.ndarray
+    study_uid: str = ""
+    qc: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def spacing(self) -> np.ndarray:
+        """Voxel size (sx, sy, sz) in mm, in array axis order."""
+        return spacing_of(self.affine)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.hu.shape)  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------- DICOM → affine
+def slice_normal(iop: Sequence[float]) -> np.ndarray:
+    """Unit slice normal (LPS) from ImageOrientationPatient: row_dir × col_dir."""
+    row = np.asarray(iop[:3], dtype=float)
+    col = np.asarray(iop[3:6], dtype=float)
+    n = np.cross(row, col)
+    return n / np.linalg.norm(n)
+
+
+def project_positions(positions_lps: np.ndarray, iop: Sequence[float]) -> np.ndarray:
+    """Signed distance (mm) of each ImagePositionPatient along the slice normal; shape (N,)."""
+    return np.asarray(positions_lps, dtype=float) @ slice_normal(iop)
+
+
+def sort_slices(positions_lps: np.ndarray, iop: Sequence[float]) -> np.ndarray:
+    """Indices that order slices by ascending position along the slice normal (stable)."""
+    return np.argsort(project_positions(positions_lps, iop), kind="stable")
+
+
+def in_plane_drift(positions_lps_sorted: np.ndarray, iop: Sequence[float]) -> np.ndarray:
+    """Per-step displacement (mm) perpendicular to the slice normal; shape (N-1,).
+
+    Non-zero drift means a gantry tilt or an oblique stack: the slices do not stack along
+    their own normal.
+    """
+    steps = np.diff(np.asarray(positions_lps_sorted, dtype=float), axis=0)
+    n = slice_normal(iop)
+    perp = steps - np.outer(steps @ n, n)
+    return np.linalg.norm(perp, axis=1)
+
+
+def tilt_angle_deg(positions_lps_sorted: np.ndarray, iop: Sequence[float]) -> float:
+    """Angle (degrees) between the first-to-last slice displacement and the slice normal."""
+    p = np.asarray(positions_lps_sorted, dtype=float)
+    if len(p) < 2:
+        return 0.0
+    d = p[-1] - p[0]
+    norm = np.linalg.norm(d)
+    if norm == 0:
+        return 0.0
+    cos = abs(float(d @ slice_normal(iop))) / norm
+    return float(np.degrees(np.arccos(np.clip(cos, -1.0, 1.0))))
+
+
+def affine_from_dicom(iop: Sequence[float], pixel_spacing: Sequence[float],
+                      first_position_lps: Sequence[float], slice_step_mm: float) -> np.ndarray:
+    """Voxel (X, Y, Z) → RAS affine of a sorted, evenly spaced, non-tilted DICOM stack.
+
+    Args:
+        iop: ImageOrientationPatient (6 floats, LPS direction cosines of rows then columns).
+        pixel_spacing: PixelSpacing [row spacing, column spacing] in mm (DICOM order).
+        first_position_lps: ImagePositionPatient of slice k = 0 (the lowest along the normal).
+        slice_step_mm: distance between consecutive sorted slices along the normal (> 0).
+    """
+    row = np.asarray(iop[:3], dtype=float)
+    col = np.asarray(iop[3:6], dtype=float)
+    lps = np.eye(4)
+    lps[:3, 0] = row * float(pixel_spacing[1])  # i runs along a row: column spacing
+    lps[:3, 1] = col * float(pixel_spacing[0])  # j runs down a column: row spacing
+    lps[:3, 2] = slice_normal(iop) * float(slice_step_mm)
+    lps[:3, 3] = np.asarray(first_position_lps, dtype=float)
+    return LPS_TO_RAS @ lps
+
+
+def dicom_position_of_slice(affine: np.ndarray, k: int) -> np.ndarray:
+    """ImagePositionPatient (LPS mm) of sorted slice ``k`` of a volume with this RAS affine."""
+    return (LPS_TO_RAS @ affine @ np.array([0.0, 0.0, float(k), 1.0]))[:3]
+
+
+def dicom_orientation(affine: np.ndarray) -> list[float]:
+    """ImageOrientationPatient (LPS row then column direction cosines) of a volume's affine."""
+    lps = LPS_TO_RAS @ affine
+    row = lps[:3, 0] / np.linalg.norm(lps[:3, 0])
+    col = lps[:3, 1] / np.linalg.norm(lps[:3, 1])
+    return [float(v) for v in np.concatenate([row, col])]
+
+
+# ----------------------------------------------------------------------------- voxel ↔ mm
+def spacing_of(affine: np.ndarray) -> np.ndarray:
+    """Voxel size in mm along each array axis: the column norms of the 3×3 part."""
+    return np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
+
+
+def voxel_to_world(affine: np.ndarray, ijk: np.ndarray) -> np.ndarray:
+    """Map voxel indices (..., 3) to RAS mm (..., 3)."""
+    ijk = np.asarray(ijk, dtype=float)
+    return ijk @ affine[:3, :3].T + affine[:3, 3]
+
+
+def world_to_voxel(affine: np.ndarray, xyz: np.ndarray) -> np.ndarray:
+    """Map RAS mm (..., 3) to (fractional) voxel indices (..., 3)."""
+    inv = np.linalg.inv(affine)
+    return np.asarray(xyz, dtype=float) @ inv[:3, :3].T + inv[:3, 3]
+
+
+def translate_affine(affine: np.ndarray, start_ijk: Sequence[float]) -> np.ndarray:
+    """Affine of a sub-array that starts at voxel ``start_ijk`` of the array with ``affine``."""
+    shift = np.eye(4)
+    shift[:3, 3] = np.asarray(start_ijk, dtype=float)
+    return affine @ shift
+
+
+def box_corners_world(affine: np.ndarray, lo_ijk: Sequence[float], hi_ijk: Sequence[float]
+                      ) -> np.ndarray:
+    """The 8 corners (8, 3) in RAS mm of the voxel box [lo, hi] (inclusive voxel centres)."""
+    lo, hi = np.asarray(lo_ijk, float), np.asarray(hi_ijk, float)
+    corners = np.array([[a, b, c] for a in (lo[0], hi[0]) for b in (lo[1], hi[1])
+                        for c in (lo[2], hi[2])])
+    return voxel_to_world(affine, corners)
+
+
+def world_box_to_voxel_box(affine: np.ndarray, lo_mm: Sequence[float], hi_mm: Sequence[float],
+                           shape: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Axis-aligned RAS box → inclusive integer voxel box of an array (clipped to ``shape``)."""
+    corners = np.array([[a, b, c] for a in (lo_mm[0], hi_mm[0]) for b in (lo_mm[1], hi_mm[1])
+                        for c in (lo_mm[2], hi_mm[2])])
+    v = world_to_voxel(affine, corners)
+    lo = np.floor(v.min(axis=0) + 1e-6).astype(int)
+    hi = np.ceil(v.max(axis=0) - 1e-6).astype(int)
+    if shape is not None:
+        lo = np.clip(lo, 0, np.asarray(shape) - 1)
+        hi = np.clip(hi, 0, np.asarray(shape) - 1)
+    return lo, hi
+
+
+# ----------------------------------------------------------------------------- resampling
+def resample_to_grid(array: np.ndarray, src_affine: np.ndarray, dst_affine: np.ndarray,
+                     dst_shape: Sequence[int], order: int = 1, cval: float = 0.0,
+                     dtype: Any = None) -> np.ndarray:
+    """Resample ``array`` (X, Y, Z) from its grid onto another grid, both given by RAS affines.
+
+    Each output voxel centre is mapped through patient space into the source grid
+    (``inv(src_affine) @ dst_affine``) and sampled there. ``order=0`` (nearest) for labels,
+    ``order=1`` (linear) for images. Points outside the source get ``cval``.
+    """
+    m = np.linalg.inv(src_affine) @ dst_affine
+    out = ndimage.affine_transform(
+        array, m[:3, :3], offset=m[:3, 3], output_shape=tuple(int(s) for s in dst_shape),
+        order=order, mode="constant", cval=cval, prefilter=False,
+        output=np.dtype(dtype) if dtype is not None else array.dtype)
+    return out
+
+
+def grid_for_shape(affine: np.ndarray, shape: Sequence[int], out_shape: Sequence[int]
+                   ) -> np.ndarray:
+    """Affine of a grid with ``out_shape`` voxels covering the same field of view as ``shape``.
+
+    Voxel corners are aligned: the outer faces of both grids coincide.
+    """
+    scale = np.asarray(shape, float) / np.asarray(out_shape, float)
+    m = np.eye(4)
+    m[:3, :3] = np.diag(scale)
+    m[:3, 3] = 0.5 * scale - 0.5
+    return affine @ m
+
+
+def grid_for_spacing(affine: np.ndarray, shape: Sequence[int], spacing_mm: Sequence[float]
+                     ) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """Affine and shape of a grid with the given voxel size covering the same field of view."""
+    extent = spacing_of(affine) * np.asarray(shape, float)
+    out_shape = np.maximum(1, np.round(extent / np.asarray(spacing_mm, float))).astype(int)
+    return grid_for_shape(affine, shape, out_shape), tuple(int(s) for s in out_shape)
+
+
+def resample_to_shape(array: np.ndarray, affine: np.ndarray, out_shape: Sequence[int],
+                      order: int = 1, cval: float = 0.0, dtype: Any = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Resize (X, Y, Z) to ``out_shape`` over the same field of view; returns (array, affine)."""
+    dst = grid_for_shape(affine, array.shape, out_shape)
+    return resample_to_grid(array, affine, dst, out_shape, order=order, cval=cval,
+                            dtype=dtype), dst
+
+
+def box_grid(affine: np.ndarray, lo_ijk: Sequence[float], hi_ijk: Sequence[float],
+             margin_mm: float | Sequence[float], out_shape: Sequence[int]) -> np.ndarray:
+    """Affine of a grid with ``out_shape`` voxels spanning a voxel box plus a margin in mm.
+
+    The box [lo, hi] (inclusive voxel centres of the array with ``affine``) is grown by
+    ``margin_mm`` on every side and sampled with ``out_shape`` voxels along the same axes, so the
+    crop keeps the source orientation (axis i of the crop runs along axis i of the source).
+    """
+    sp = spacing_of(affine)
+    margin_vox = np.broadcast_to(np.asarray(margin_mm, float), (3,)) / sp
+    lo = np.asarray(lo_ijk, float) - 0.5 - margin_vox  # voxel faces
+    hi = np.asarray(hi_ijk, float) + 0.5 + margin_vox
+    scale = (hi - lo) / np.asarray(out_shape, float)
+    m = np.eye(4)
+    m[:3, :3] = np.diag(scale)
+    m[:3, 3] = lo + 0.5 * scale
+    return affine @ m
+
+
+def crop_box(array: np.ndarray, affine: np.ndarray, lo_ijk: Sequence[float],
+             hi_ijk: Sequence[float], margin_mm: float | Sequence[float],
+             out_shape: Sequence[int], order: int = 1, cval: float = 0.0,
+             dtype: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """Cut a voxel box plus margin out of ``array`` and resample it to ``out_shape``.
+
+    Returns:
+        (crop (out_shape) in ``dtype``, crop affine voxel → RAS mm).
+    """
+    dst = box_grid(affine, lo_ijk, hi_ijk, margin_mm, out_shape)
+    return resample_to_grid(array, affine, dst, out_shape, order=order, cval=cval,
+                            dtype=dtype), dst
+
+
+# ----------------------------------------------------------------------------- masks
+def label_bbox(mask: np.ndarray, label: int | None = None
+               ) -> tuple[np.ndarray, np.ndarray] | None:
+    """Inclusive voxel bounding box (lo, hi) of ``mask == label`` (or ``mask > 0``); None if empty."""
+    sel = mask > 0 if label is None else mask == label
+    if not sel.any():
+        return None
+    idx = [np.flatnonzero(sel.any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)]
+    return np.array([i[0] for i in idx]), np.array([i[-1] for i in idx])
+
+
+def check_affine(affine: np.ndarray, where: str = "") -> None:
+    """Reject a singular or non-finite affine (``bad_affine``)."""
+    a = np.asarray(affine, float)
+    if a.shape != (4, 4) or not np.isfinite(a).all() or abs(np.linalg.det(a[:3, :3])) < 1e-9:
+        raise GeometryError("bad_affine", f"{where}: singular or non-finite affine {a.tolist()}")
+
+
+def nifti_affine(img: nib.Nifti1Image, where: str = "", atol: float = 1e-3) -> np.ndarray:
+    """The voxel → RAS affine of a NIfTI image, after checking its qform and sform agree.
+
+    nibabel picks the sform when its code > 0, else the qform. If both are set and disagree by
+    more than ``atol`` mm the file is ambiguous and rejected (``bad_affine``).
+    """
+    hdr = img.header
+    qcode, scode = int(hdr["qform_code"]), int(hdr["sform_code"])
+    if qcode > 0 and scode > 0:
+        q, s = img.get_qform(), img.get_sform()
+        if not np.allclose(q, s, atol=atol):
+            raise GeometryError("bad_affine", f"{where}: qform and sform disagree")
+    affine = np.asarray(img.affine, dtype=float)
+    check_affine(affine, where)
+    return affine
+
+
+def permutation_map(src_affine: np.ndarray, src_shape: Sequence[int], dst_affine: np.ndarray,
+                    dst_shape: Sequence[int], atol: float = 1e-3
+                    ) -> tuple[np.ndarray, np.ndarray] | None:
+    """If src voxels map onto dst voxels by a signed axis permutation, return it.
+
+    Returns:
+        (perm, flip) with ``dst_axis d`` taken from ``src axis perm[d]`` and reversed where
+        ``flip[d]``, such that the remapped array covers ``dst_shape`` exactly; or ``None`` when
+        the composed transform is not an exact signed permutation with integer offsets that
+        tiles the destination grid.
+    """
+    m = np.linalg.inv(dst_affine) @ src_affine  # src voxel → dst voxel
+    r, t = m[:3, :3], m[:3, 3]
+    if not np.allclose(np.abs(r).sum(axis=0), 1, atol=atol) or not np.allclose(
+            np.abs(np.round(r)), np.abs(r), atol=atol):
+        return None
+    if not np.allclose(t, np.round(t), atol=atol):
+        return None
+    r = np.round(r).astype(int)
+    perm = np.array([int(np.flatnonzero(r[d])[0]) for d in range(3)])
+    if sorted(perm.tolist()) != [0, 1, 2]:
+        return None
+    flip = np.array([r[d, perm[d]] < 0 for d in range(3)])
+    src_shape = np.asarray(src_shape)
+    if not np.array_equal(src_shape[perm], np.asarray(dst_shape)):
+        return None
+    # dst index of src voxel 0 along each axis must be 0 (no flip) or n-1 (flip)
+    n = np.asarray(dst_shape)
+    expected = np.where(flip, n - 1, 0)
+    if not np.allclose(np.round(t), expected):
+        return None
+    return perm, flip
+
+
+def map_labels_to_grid(labels: np.ndarray, src_affine: np.ndarray, dst_affine: np.ndarray,
+                       dst_shape: Sequence[int], atol: float = 1e-3
+                       ) -> tuple[np.ndarray, str]:
+    """Put a label array onto another grid by both affines in patient space.
+
+    When the composed transform is a signed axis permutation with integer offsets (every
+    well-formed RSNA mask against its DICOM stack), apply it as an exact index remap; otherwise
+    resample with nearest neighbour. No special cases for flipped or reversed studies: the
+    affines decide.
+
+    Returns:
+        (labels on the destination grid (dst_shape) with the input dtype, method) where method is
+        ``"permutation"`` or ``"nearest"``.
+    """
+    pm = permutation_map(src_affine, labels.shape, dst_affine, dst_shape, atol)
+    if pm is not None:
+        perm, flip = pm
+        out = np.transpose(labels, perm)
+        out = out[tuple(slice(None, None, -1) if f else slice(None) for f in flip)]
+        return np.ascontiguousarray(out), "permutation"
+    out = resample_to_grid(labels, src_affine, dst_affine, dst_shape, order=0, cval=0)
+    return out, "nearest"
+
+
+def reorient(array: np.ndarray, affine: np.ndarray, axcodes: str
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Reorder/flip array axes so they point along ``axcodes`` (e.g. ``"LAS"``), fixing the affine.
+
+    Pure index permutation (no interpolation); the world positions of all voxels are unchanged.
+    """
+    cur = nio.io_orientation(affine)
+    tgt = nio.axcodes2ornt(tuple(axcodes))
+    tr = nio.ornt_transform(cur, tgt)
+    out = nio.apply_orientation(array, tr)
+    new_affine = affine @ nio.inv_ornt_aff(tr, array.shape)
+    return np.ascontiguousarray(out), new_affine
+
+
+def axcodes(affine: np.ndarray) -> str:
+    """Orientation letters of the array axes, e.g. ``"LPS"`` for a DICOM axial stack."""
+    return "".join(nib.aff2axcodes(affine))
+
+
+# ----------------------------------------------------------------------------- SimpleITK bridge
+def affine_to_itk(affine: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...],
+                                                tuple[float, ...]]:
+    """(origin, spacing, direction) in ITK's LPS convention for an array (X, Y, Z) with affine.
+
+    SimpleITK's ``GetArrayFromImage`` returns (Z, Y, X); transpose with ``.T`` to get (X, Y, Z).
+    """
+    lps = LPS_TO_RAS @ affine
+    sp = spacing_of(lps)
+    direction = lps[:3, :3] / sp
+    return tuple(lps[:3, 3]), tuple(sp), tuple(direction.flatten())
+
+
+def itk_to_affine(origin: Sequence[float], spacing: Sequence[float],
+                  direction: Sequence[float]) -> np.ndarray:
+    """RAS affine for the (X, Y, Z) array of an ITK image with this LPS geometry."""
+    lps = np.eye(4)
+    lps[:3, :3] = np.asarray(direction, float).reshape(3, 3) * np.asarray(spacing, float)
+    lps[:3, 3] = np.asarray(origin, float)
+    return LPS_TO_RAS @ lps
