@@ -1,0 +1,1 @@
+"""The ``cspine`` command line and the end-to-end tools (predict one study, report)."""

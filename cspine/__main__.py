@@ -1,0 +1,3 @@
+from cspine.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,53 @@
+"""``cspine``: one command, one sub-command per module in :mod:`cspine.commands`.
+
+Each module in ``cspine/commands/`` defines ``NAME`` (the sub-command, e.g. ``"check-data"``),
+``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int`` (the exit status).
+Modules are imported lazily at parse time, so heavy imports (torch) only happen for the
+sub-command that needs them: keep module-level imports in command modules light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from typing import Sequence
+
+import cspine.commands as commands_pkg
+
+
+def _command_modules() -> list:
+    mods = []
+    for info in sorted(pkgutil.iter_modules(commands_pkg.__path__), key=lambda m: m.name):
+        if not info.name.startswith("_"):
+            mods.append(importlib.import_module(f"{commands_pkg.__name__}.{info.name}"))
+    return mods
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cspine",
+        description="Cervical-spine fracture detection on CT (RSNA 2022 layout): data checks, "
+                    "conversion, synthetic data, scoring and single-study prediction.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for mod in _command_modules():
+        p = sub.add_parser(mod.NAME, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP),
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``cspine`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("cspine: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

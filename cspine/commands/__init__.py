@@ -1,0 +1,1 @@
+"""Sub-commands of ``cspine``; see :mod:`cspine.cli` for the module contract."""
