@@ -111,3 +111,21 @@ def test_ensure_folds_refuses_mismatch(tmp_path):
         ensure_folds(labels, path)
     with pytest.raises(FoldsError, match="n_folds=5"):
         ensure_folds(labels.iloc[:40], path, n_folds=4)
+
+
+def test_cli_folds_writes_then_reuses(tmp_path, capsys):
+    from cspine.cli import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    _synthetic_labels(40).to_csv(data / "train.csv", index=False)
+    out = tmp_path / "work" / "folds.csv"
+    assert main(["folds", str(data), "--out", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    before = out.read_text()
+    assert main(["folds", str(data), "--out", str(out), "--seed", "7"]) == 0
+    assert "reused" in capsys.readouterr().out and out.read_text() == before
+    assert main(["folds", str(data), "--out", str(out), "--n-folds", "3"]) == 2
+    assert "n_folds=3" in capsys.readouterr().err
+    assert main(["folds", str(tmp_path), "--out", str(out)]) == 2
+    assert "train.csv" in capsys.readouterr().err

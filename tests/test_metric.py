@@ -4,6 +4,7 @@ loop implementation, sklearn agreement, clipping, and the submission round trip.
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -179,3 +180,51 @@ def test_auc_per_target():
     assert math.isnan(auc["C2"])  # a single class
     assert auc["mean_vertebra"] == pytest.approx((0.5 + 1.0) / 2)
     assert 0.5 < auc["pooled_vertebra"] <= 1.0
+
+
+# ----------------------------------------------------------------------------- cspine score
+def _write_cli_files(tmp_path, rows=None):
+    y = _wide([[1, 0, 0, 0, 0, 0, 1, 1], [0] * 8])
+    p = _wide(rows or [[0.7, 0.1, 0.1, 0.1, 0.1, 0.2, 0.6, 0.8], [0.2] * 8])
+    sol = tmp_path / "solution.csv"
+    y.reset_index()[["StudyInstanceUID", "patient_overall", *TARGETS[:-1]]].to_csv(sol, index=False)
+    sub = tmp_path / "submission.csv"
+    wide_to_submission(p).to_csv(sub, index=False)
+    return y, p, sol, sub
+
+
+def test_cli_score_prints_both_forms_and_auc(tmp_path, capsys):
+    from cspine.cli import main
+
+    y, p, sol, sub = _write_cli_files(tmp_path)
+    assert main(["score", str(sol), str(sub)]) == 0
+    out = capsys.readouterr().out
+    assert f"competition_loss (study): {competition_loss(y, p):.4f}" in out
+    assert f"competition_loss (global): {competition_loss(y, p, 'global'):.4f}" in out
+    assert "C1" in out and "n/a" in out  # C2 has one class → AUC n/a
+    assert main(["score", str(sol), str(sub), "--form", "global"]) == 0
+    assert "(study)" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.iloc[1:], "row_ids missing"),
+    (lambda s: pd.concat([s, pd.DataFrame({"row_id": ["1.2.3_C1"], "fractured": [0.5]})]),
+     "unexpected row_ids"),
+    (lambda s: s.assign(fractured=[1.5] + [0.5] * (len(s) - 1)), "outside \\[0, 1\\]"),
+    (lambda s: s.assign(fractured=[None] + [0.5] * (len(s) - 1)), "missing or outside"),
+    (lambda s: s.rename(columns={"fractured": "prob"}), "no column 'fractured'"),
+])
+def test_cli_score_rejects_bad_submissions(tmp_path, capsys, edit, message):
+    from cspine.cli import main
+
+    _, _, sol, sub = _write_cli_files(tmp_path)
+    edit(pd.read_csv(sub)).to_csv(sub, index=False)
+    assert main(["score", str(sol), str(sub)]) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_cli_score_missing_file(tmp_path, capsys):
+    from cspine.cli import main
+
+    assert main(["score", str(tmp_path / "no.csv"), str(tmp_path / "none.csv")]) == 2
+    assert "no.csv" in capsys.readouterr().err
