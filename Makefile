@@ -32,3 +32,7 @@ synth: install  ## write the synthetic dataset: PRESET=tiny|demo|full -> DATA
 
 check-data: install  ## census and validation of DATA -> WORK/qc_data.csv
 	$(VENV)/bin/cspine check-data $(DATA) --out $(WORK)/qc_data.csv
+
+.PHONY: folds
+folds: install  ## stratified CV folds of DATA/train.csv -> WORK/folds.csv (made once, then reused)
+	$(VENV)/bin/cspine folds $(DATA) --out $(WORK)/folds.csv
