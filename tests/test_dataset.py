@@ -129,3 +129,19 @@ def test_exclusions_file():
     ex = load_exclusions()
     assert set(ex) == {P + s for s in ("20574", "29952", "8362", "8693", "20756", "23904")}
     assert all(len(reason) > 10 for reason in ex.values())
+
+
+def test_paths_from_env_with_clear_errors(tmp_path, monkeypatch):
+    from common.paths import data_root, folds_path, work_root
+
+    monkeypatch.delenv("CSPINE_DATA", raising=False)
+    monkeypatch.delenv("CSPINE_WORK", raising=False)
+    with pytest.raises(RuntimeError, match="CSPINE_DATA"):
+        data_root()
+    monkeypatch.setenv("CSPINE_DATA", str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match=r"\$CSPINE_DATA"):
+        data_root()
+    assert data_root(tmp_path) == tmp_path  # an argument wins over the variable
+    monkeypatch.setenv("CSPINE_WORK", str(tmp_path / "w"))
+    assert work_root() == tmp_path / "w" and (tmp_path / "w").is_dir()
+    assert folds_path() == tmp_path / "w" / "folds.csv"
