@@ -93,10 +93,11 @@ def make_folds(labels_df: pd.DataFrame, n_folds: int = 5, seed: int = 42) -> pd.
 
     if n_folds < 2:
         raise FoldsError(f"n_folds must be at least 2, got {n_folds}")
+    n = len(_labels_frame(labels_df))
+    if n < n_folds:
+        raise FoldsError(f"cannot make {n_folds} folds from {n} studies: use fewer folds "
+                         f"(at most {n}) or more studies")
     key = stratification_key(labels_df, n_folds)
-    if len(key) < n_folds:
-        raise FoldsError(f"cannot make {n_folds} folds from {len(key)} studies: use fewer folds "
-                         f"(at most {len(key)}) or more studies")
     fold = np.full(len(key), -1, dtype=int)
     splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     for i, (_, val) in enumerate(splitter.split(np.zeros(len(key)), key.to_numpy())):

@@ -77,6 +77,8 @@ def test_tiny_datasets():
     assert sorted(folds["fold"].value_counts()) == [1, 1, 1, 2, 2]
     with pytest.raises(FoldsError, match="cannot make 5 folds from 3 studies"):
         make_folds(labels.iloc[:3], n_folds=5)
+    with pytest.raises(FoldsError, match="from 0 studies"):
+        make_folds(labels.iloc[:0], n_folds=2)
     with pytest.raises(FoldsError, match="at least 2"):
         make_folds(labels, n_folds=1)
 
