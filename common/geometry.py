@@ -405,3 +405,120 @@ def itk_to_affine(origin: Sequence[float], spacing: Sequence[float],
     lps[:3, :3] = np.asarray(direction, float).reshape(3, 3) * np.asarray(spacing, float)
     lps[:3, 3] = np.asarray(origin, float)
     return LPS_TO_RAS @ lps
+
+
+# ----------------------------------------------------------------------------- DICOM stacks
+def stack_to_xyz(stack: np.ndarray) -> np.ndarray:
+    """View a decoded slice stack (Z, rows, cols) as the project's (X, Y, Z) array (no copy).
+
+    ``stack[k]`` is sorted slice ``k`` as returned by pydicom (rows = Y, columns = X). The
+    result is Fortran-ordered, which is also NIfTI's on-disk order.
+    """
+    return np.asarray(stack).transpose(2, 1, 0)
+
+
+def perpendicular_offsets(positions_lps_sorted: np.ndarray, iop: Sequence[float]) -> np.ndarray:
+    """Distance (mm) of each slice origin from the line through slice 0 along the normal; (N,).
+
+    All zeros for a stack whose slices lie along their own normal; grows with a gantry tilt.
+    """
+    p = np.asarray(positions_lps_sorted, dtype=float)
+    d = p - p[0]
+    n = slice_normal(iop)
+    return np.linalg.norm(d - np.outer(d @ n, n), axis=1)
+
+
+def file_order_direction(file_numbers: Sequence[int], positions_lps: np.ndarray) -> str:
+    """How patient z (the S axis) runs as the file number rises.
+
+    Returns:
+        ``"descending"`` (file 1 is the top, the usual RSNA case), ``"ascending"``, ``"mixed"``
+        (e.g. two stacks in one folder), ``"constant"`` or ``"single"``.
+    """
+    order = np.argsort(np.asarray(file_numbers), kind="stable")
+    z = np.asarray(positions_lps, dtype=float)[order, 2]
+    if len(z) < 2:
+        return "single"
+    dz = np.diff(z)
+    if np.all(np.abs(dz) < 1e-6):
+        return "constant"
+    if np.all(dz <= 1e-6):
+        return "descending"
+    if np.all(dz >= -1e-6):
+        return "ascending"
+    return "mixed"
+
+
+def missing_slice_gaps(steps_mm: np.ndarray, step_mm: float, factor: float = 1.5,
+                       tol: float = 0.2) -> np.ndarray:
+    """Which steps are gaps of whole missing slices: > ``factor`` × step and within ``tol``
+    (in units of the step) of a whole multiple of it. Other uneven steps are not gaps.
+    """
+    ratio = np.asarray(steps_mm, float) / float(step_mm)
+    return (ratio > factor) & (np.abs(ratio - np.round(ratio)) <= tol)
+
+
+def resample_stack(hu: np.ndarray, positions_lps_sorted: np.ndarray, iop: Sequence[float],
+                   pixel_spacing: Sequence[float], step_mm: float, cval: float = AIR_HU
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Resample a tilted and/or unevenly spaced slice stack onto an orthogonal, even grid.
+
+    The slices are parallel planes (one IOP) whose origins may drift in-plane (gantry tilt) and
+    whose distances along the normal may vary. The output grid keeps the slice axes, has slices
+    every ``step_mm`` along the normal starting at slice 0, and is widened in-plane to cover the
+    drift. A target point is interpolated linearly between the two source planes around it,
+    each sampled bilinearly at the point's projection; outside the data, and inside gaps of
+    whole missing slices (:func:`missing_slice_gaps`), it gets ``cval``.
+
+    Args:
+        hu: (X, Y, Z) source slices sorted ascending along the normal (any numeric dtype).
+        positions_lps_sorted: (Z, 3) ImagePositionPatient of each sorted slice (LPS mm).
+        iop: ImageOrientationPatient shared by all slices.
+        pixel_spacing: PixelSpacing [row spacing, column spacing] (mm).
+        step_mm: the output slice step (mm), usually the median source step.
+
+    Returns:
+        (out (X', Y', Z') int16 rounded, RAS affine of the output grid, source (Z',) int64: the
+        source slice index a target slice coincides with, or -1 when it was interpolated/filled).
+    """
+    p = np.asarray(positions_lps_sorted, dtype=float)
+    row = np.asarray(iop[:3], float)
+    col = np.asarray(iop[3:6], float)
+    n = slice_normal(iop)
+    sx, sy = float(pixel_spacing[1]), float(pixel_spacing[0])
+    u = (p - p[0]) @ row
+    v = (p - p[0]) @ col
+    s = p @ n
+    nx = hu.shape[0] + int(np.ceil((u.max() - u.min()) / sx - 1e-6))
+    ny = hu.shape[1] + int(np.ceil((v.max() - v.min()) / sy - 1e-6))
+    nz = int(round((s[-1] - s[0]) / step_mm)) + 1
+    origin = p[0] + u.min() * row + v.min() * col
+    affine = affine_from_dicom(iop, pixel_spacing, origin, step_mm)
+    out = np.empty((nx, ny, nz), dtype=np.int16, order="F")
+    source = np.full(nz, -1, dtype=np.int64)
+    eps = 1e-3 * step_mm
+    gap_after = np.append(missing_slice_gaps(np.diff(s), step_mm), False)
+
+    def plane(k: int) -> np.ndarray:
+        a, b = (u.min() - u[k]) / sx, (v.min() - v[k]) / sy
+        src = np.asarray(hu[:, :, k], dtype=np.float32)
+        return ndimage.affine_transform(src, np.eye(2), offset=(a, b), output_shape=(nx, ny),
+                                        order=1, mode="constant", cval=cval, prefilter=False)
+
+    for kk in range(nz):
+        t = s[0] + kk * step_mm
+        k1 = int(np.searchsorted(s, t - eps))
+        if k1 >= len(s):
+            out[:, :, kk] = cval
+            continue
+        if abs(s[k1] - t) <= eps:
+            out[:, :, kk] = np.rint(plane(k1))
+            source[kk] = k1
+            continue
+        k0 = k1 - 1
+        if k0 < 0 or gap_after[k0]:
+            out[:, :, kk] = cval
+            continue
+        w = (t - s[k0]) / (s[k1] - s[k0])
+        out[:, :, kk] = np.rint((1.0 - w) * plane(k0) + w * plane(k1))
+    return out, affine, source

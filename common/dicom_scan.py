@@ -1,0 +1,224 @@
+"""Header-only scan of a study folder: which files are CT slices, their geometry and pixel format.
+
+No pixel data is decoded here. Each file is read with ``pydicom.dcmread(stop_before_pixels=True)``
+(about 0.5 ms per file); a short PixelData element is detected from the file size, so truncated
+files are caught by the scan alone. Files are classified as:
+
+* usable slices (a :class:`SliceHeader` each);
+* skipped, with a reason (``not_dicom``, ``non_image``, ``no_geometry``, ``localizer``,
+  ``multiframe``, ``not_grayscale``): a warning, never an error;
+* corrupt (``corrupt_file``): a ``.dcm`` file pydicom cannot read, or a short PixelData element.
+  Any corrupt file rejects the study, in strict and lenient mode alike.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: Uncompressed transfer syntaxes (their PixelData length is known from the header).
+_NATIVE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2",
+           "1.2.840.10008.1.2.1.99"}
+
+
+class SeriesError(ValueError):
+    """A study folder that cannot be turned into a volume safely (strict-mode rejection).
+
+    Attributes:
+        study: the study folder name (StudyInstanceUID for RSNA).
+        file: the file most directly involved (or ``""`` when the problem is the whole series).
+        reason: a reason code from DICOM_PITFALLS.md §1 (``gap``, ``nonuniform_spacing``,
+            ``duplicate_position``, ``gantry_tilt``, ``multiple_series``,
+            ``inconsistent_geometry``, ``missing_codec``, ``corrupt_file``, ``no_rescale``,
+            ``no_images``).
+        evidence: the human-readable evidence.
+        qc: the QC record up to the point of failure (status ``rejected``).
+    """
+
+    def __init__(self, study: str, file: str, reason: str, evidence: str,
+                 qc: dict[str, Any] | None = None):
+        where = f" (file {file})" if file else ""
+        super().__init__(f"{study}: {reason}: {evidence}{where}")
+        self.study = study
+        self.file = file
+        self.reason = reason
+        self.evidence = evidence
+        self.qc = qc if qc is not None else {}
+
+
+@dataclass(frozen=True)
+class SliceHeader:
+    """What the loader needs from one CT slice header (values in DICOM units, LPS mm).
+
+    ``file_number`` is the integer ``<n>`` of ``<n>.dcm`` (InstanceNumber when the name is not a
+    number, -1 when neither exists); it is a key into ``train_bounding_boxes.csv``, never used
+    for geometry.
+    """
+
+    path: str
+    file_number: int
+    series_uid: str
+    iop: tuple[float, ...]
+    ipp: tuple[float, float, float]
+    rows: int
+    cols: int
+    pixel_spacing: tuple[float, float]
+    thickness: float | None
+    transfer_syntax: str
+    slope: float
+    intercept: float
+    has_rescale: bool
+    has_modality_lut: bool
+    bits_stored: int
+    pixel_representation: int
+    padding: int | None
+    padding_limit: int | None
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+
+@dataclass
+class ScanResult:
+    """The outcome of :func:`scan_folder`: usable slices, skipped files and corrupt files."""
+
+    study: str
+    slices: list[SliceHeader] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    corrupt: list[dict[str, str]] = field(default_factory=list)
+    files_seen: int = 0
+    seconds: float = 0.0
+
+
+def _file_number(path: Path, ds: Any) -> int:
+    if re.fullmatch(r"\d+", path.stem):
+        return int(path.stem)
+    inst = ds.get("InstanceNumber")
+    try:
+        return int(inst) if inst not in (None, "") else -1
+    except (TypeError, ValueError):
+        return -1
+
+
+def _floats(value: Any, n: int) -> tuple[float, ...] | None:
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return out if len(out) == n else None
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    """For a file pydicom refuses: does it still look like DICOM (so it is corrupt, not foreign)?"""
+    if path.suffix.lower() in (".dcm", ".dicom", ".ima"):
+        return True
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)
+        return any(k in ds for k in ("SOPInstanceUID", "Rows", "ImagePositionPatient"))
+    except Exception:  # noqa: BLE001 - any parse failure means "not DICOM"
+        return False
+
+
+def read_header(path: Path) -> tuple[str, Any]:
+    """Classify one file. Returns ``(kind, payload)``.
+
+    ``kind`` is ``"slice"`` (payload: :class:`SliceHeader`), ``"skip"`` (payload: reason),
+    or ``"corrupt"`` (payload: evidence).
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            ds = pydicom.dcmread(fh, stop_before_pixels=True)
+            pixel_offset = fh.tell()
+    except InvalidDicomError as exc:
+        if _looks_like_dicom(path):
+            return "corrupt", f"not readable as DICOM ({exc})"
+        return "skip", "not_dicom"
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types on broken files
+        if _looks_like_dicom(path):
+            return "corrupt", f"header unreadable ({type(exc).__name__}: {exc})"
+        return "skip", "not_dicom"
+
+    if "Rows" not in ds or "Columns" not in ds:
+        return "skip", "non_image"
+    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+    if "LOCALIZER" in image_type:
+        return "skip", "localizer"
+    if int(ds.get("NumberOfFrames") or 1) > 1:
+        return "skip", "multiframe"
+    if int(ds.get("SamplesPerPixel") or 1) != 1:
+        return "skip", "not_grayscale"
+    iop = _floats(ds.get("ImageOrientationPatient"), 6)
+    ipp = _floats(ds.get("ImagePositionPatient"), 3)
+    spacing = _floats(ds.get("PixelSpacing"), 2)
+    if iop is None or ipp is None or spacing is None:
+        return "skip", "no_geometry"
+
+    meta = getattr(ds, "file_meta", None)
+    ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    if not ts:
+        return "corrupt", "no TransferSyntaxUID in the file meta"
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    bits_alloc = int(ds.get("BitsAllocated") or 16)
+    remaining = size - pixel_offset
+    if ts in _NATIVE:
+        needed = rows * cols * bits_alloc // 8
+        if remaining < needed:
+            return "corrupt", (f"PixelData truncated: {remaining} bytes left for "
+                               f"{rows}x{cols}x{bits_alloc // 8} = {needed}")
+    elif remaining < 16:
+        return "corrupt", f"no compressed PixelData ({remaining} bytes after the header)"
+
+    has_rescale = "RescaleSlope" in ds or "RescaleIntercept" in ds
+    slope = float(ds.get("RescaleSlope") or 1.0) if "RescaleSlope" in ds else 1.0
+    intercept = float(ds.get("RescaleIntercept") or 0.0) if "RescaleIntercept" in ds else 0.0
+    pad = ds.get("PixelPaddingValue")
+    pad_limit = ds.get("PixelPaddingRangeLimit")
+    thickness = ds.get("SliceThickness")
+    header = SliceHeader(
+        path=str(path), file_number=_file_number(path, ds),
+        series_uid=str(ds.get("SeriesInstanceUID", "")), iop=iop, ipp=ipp,  # type: ignore[arg-type]
+        rows=rows, cols=cols, pixel_spacing=spacing,  # type: ignore[arg-type]
+        thickness=float(thickness) if thickness not in (None, "") else None,
+        transfer_syntax=ts, slope=slope, intercept=intercept, has_rescale=has_rescale,
+        has_modality_lut="ModalityLUTSequence" in ds,
+        bits_stored=int(ds.get("BitsStored") or bits_alloc),
+        pixel_representation=int(ds.get("PixelRepresentation") or 0),
+        padding=int(pad) if isinstance(pad, (int, float)) else None,
+        padding_limit=int(pad_limit) if isinstance(pad_limit, (int, float)) else None)
+    return "slice", header
+
+
+def scan_folder(study_dir: str | os.PathLike) -> ScanResult:
+    """Scan every regular file in ``study_dir`` (not recursive; hidden files count as seen).
+
+    Slices come back in file-name order; ordering by position is the validator's job.
+    """
+    import time
+
+    t0 = time.perf_counter()
+    folder = Path(study_dir)
+    result = ScanResult(study=folder.name)
+    if not folder.is_dir():
+        raise SeriesError(folder.name, "", "no_images", f"{folder} is not a folder")
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        result.files_seen += 1
+        kind, payload = read_header(path)
+        if kind == "slice":
+            result.slices.append(payload)
+        elif kind == "skip":
+            result.skipped.append({"file": path.name, "reason": payload})
+        else:
+            result.corrupt.append({"file": path.name, "reason": "corrupt_file",
+                                   "evidence": payload})
+    result.seconds = time.perf_counter() - t0
+    return result

@@ -1,0 +1,314 @@
+"""Validate a scanned study folder and plan how to build one volume from it (no pixels decoded).
+
+The checks and the lenient repairs follow DICOM_PITFALLS.md §1–§2:
+
+| code | detected when | strict | lenient |
+|---|---|---|---|
+| ``corrupt_file`` | unreadable ``.dcm`` or short PixelData | reject | reject |
+| ``no_images`` | no usable CT slice in the folder | reject | reject |
+| ``multiple_series`` | more than one SeriesInstanceUID | reject | keep the series with most slices |
+| ``inconsistent_geometry`` | IOP (tol 1e-4), Rows/Columns or PixelSpacing differ | reject | keep the largest consistent group (if unique) |
+| ``no_rescale`` | no Rescale Slope/Intercept and no Modality LUT | reject | assume (1, 0), checked after decode |
+| ``duplicate_position`` | two files at one position (within 1e-3 mm) | byte-identical: drop, warn; else reject | split into stacks by occurrence, keep the stack with the lowest file numbers |
+| ``gap`` | a step > 1.5 × median and a whole multiple of it (missing slices) | reject | resample, gap filled with −1024 HU |
+| ``nonuniform_spacing`` | any other step deviates > 1 % from the median | reject | resample to the median step (linear) |
+| ``gantry_tilt`` | slice origins drift > 0.1 pixel off the normal | reject | resample onto an orthogonal grid |
+
+Geometry (sorting, projections, drift) is computed only through :mod:`common.geometry`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from common import geometry
+from common.dicom_scan import ScanResult, SeriesError, SliceHeader
+
+GAP_FACTOR = 1.5
+SPACING_RTOL = 1e-2
+IOP_TOL = 1e-4
+DUPLICATE_TOL_MM = 1e-3
+#: A stack is tilted when a slice origin lies this many pixels off slice 0's normal line.
+TILT_TOL_PIXELS = 0.1
+
+
+@dataclass
+class SeriesPlan:
+    """The slices to decode, in order, and what must be done to them.
+
+    Attributes:
+        slices: the headers of the slices to decode, sorted ascending along the slice normal.
+        positions: (N, 3) float64 LPS ImagePositionPatient of ``slices``.
+        step_mm: the median step along the normal (mm); 1.0 (or SliceThickness) for 1 slice.
+        resample: True when lenient repairs need :func:`common.geometry.resample_stack`.
+        reasons: problem codes found (in strict mode only warnings remain here).
+        repairs: human-readable descriptions of lenient repairs.
+        warnings: non-fatal notes (e.g. byte-identical duplicates dropped).
+        skipped: files not used, each ``{"file", "reason"}``.
+        assume_rescale: True when files lack a rescale and (1, 0) is assumed (lenient).
+        tilt_deg, max_drift_mm, z_direction: geometry facts for the QC record.
+    """
+
+    slices: list[SliceHeader]
+    positions: np.ndarray
+    step_mm: float
+    resample: bool = False
+    reasons: list[str] = field(default_factory=list)
+    repairs: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    assume_rescale: bool = False
+    tilt_deg: float = 0.0
+    max_drift_mm: float = 0.0
+    z_direction: str = "single"
+    steps: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def iop(self) -> tuple[float, ...]:
+        return self.slices[0].iop
+
+    @property
+    def pixel_spacing(self) -> tuple[float, float]:
+        return self.slices[0].pixel_spacing
+
+
+def pixel_digest(path: str) -> str:
+    """SHA-1 of a file's raw PixelData bytes (no decoding); used to compare duplicates."""
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    return hashlib.sha1(bytes(ds.PixelData)).hexdigest()
+
+
+class _Validator:
+    def __init__(self, scan: ScanResult, lenient: bool,
+                 digest: Callable[[str], str] = pixel_digest):
+        self.scan, self.study, self.lenient, self.digest = scan, scan.study, lenient, digest
+        self.reasons: list[str] = []
+        self.repairs: list[str] = []
+        self.warnings: list[str] = []
+        self.skipped: list[dict[str, str]] = list(scan.skipped)
+
+    def fail(self, reason: str, evidence: str, file: str = "") -> SeriesError:
+        return SeriesError(self.study, file, reason, evidence)
+
+    def drop(self, files: list[SliceHeader], reason: str) -> None:
+        self.skipped.extend({"file": h.name, "reason": reason} for h in files)
+
+    # -- grouping -------------------------------------------------------------------------
+    def choose_series(self, slices: list[SliceHeader]) -> list[SliceHeader]:
+        by_uid: dict[str, list[SliceHeader]] = defaultdict(list)
+        for h in slices:
+            by_uid[h.series_uid].append(h)
+        if len(by_uid) == 1:
+            return slices
+        listing = ", ".join(f"{uid or '<none>'} ({len(v)} files)" for uid, v in by_uid.items())
+        if not self.lenient:
+            raise self.fail("multiple_series", f"{len(by_uid)} series in one folder: {listing}")
+        keep_uid = max(by_uid, key=lambda u: (len(by_uid[u]), -min(h.file_number for h in by_uid[u])))
+        for uid, files in by_uid.items():
+            if uid != keep_uid:
+                self.drop(files, "other_series")
+        self.reasons.append("multiple_series")
+        self.repairs.append(f"kept series {keep_uid} ({len(by_uid[keep_uid])} files) of {listing}")
+        return by_uid[keep_uid]
+
+    def choose_geometry(self, slices: list[SliceHeader]) -> list[SliceHeader]:
+        def key(h: SliceHeader) -> tuple:
+            return (tuple(np.round(np.asarray(h.iop) / IOP_TOL).astype(int)), h.rows, h.cols,
+                    tuple(round(v, 6) for v in h.pixel_spacing))
+
+        groups: dict[tuple, list[SliceHeader]] = defaultdict(list)
+        for h in slices:
+            groups[key(h)].append(h)
+        if len(groups) == 1:
+            return slices
+        desc = "; ".join(
+            f"{len(v)} files {v[0].rows}x{v[0].cols} spacing {list(v[0].pixel_spacing)} "
+            f"IOP {[round(x, 4) for x in v[0].iop]} (e.g. {v[0].name})" for v in groups.values())
+        sizes = sorted((len(v) for v in groups.values()), reverse=True)
+        if not self.lenient or sizes[0] == sizes[1]:
+            raise self.fail("inconsistent_geometry", f"mixed slice geometry: {desc}")
+        best = max(groups.values(), key=len)
+        for files in groups.values():
+            if files is not best:
+                self.drop(files, "inconsistent_geometry")
+        self.reasons.append("inconsistent_geometry")
+        self.repairs.append(f"kept the largest consistent group ({len(best)} files) of: {desc}")
+        return best
+
+    def check_rescale(self, slices: list[SliceHeader]) -> bool:
+        missing = [h for h in slices if not h.has_rescale and not h.has_modality_lut]
+        if not missing:
+            return False
+        if not self.lenient:
+            raise self.fail("no_rescale", f"{len(missing)} of {len(slices)} files have neither "
+                            "RescaleSlope/RescaleIntercept nor a Modality LUT", missing[0].name)
+        self.reasons.append("no_rescale")
+        self.repairs.append(f"assumed slope 1, intercept 0 for {len(missing)} files "
+                            "(accepted only if the stored values look like HU)")
+        return True
+
+    # -- duplicates ----------------------------------------------------------------------
+    def resolve_duplicates(self, slices: list[SliceHeader]) -> list[SliceHeader]:
+        slices = sorted(slices, key=lambda h: (h.file_number, h.name))
+        keys = [tuple(np.round(np.asarray(h.ipp) / DUPLICATE_TOL_MM).astype(np.int64))
+                for h in slices]
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, k in enumerate(keys):
+            groups[k].append(i)
+        dup_groups = [g for g in groups.values() if len(g) > 1]
+        if not dup_groups:
+            return slices
+        slices_before = list(slices)
+        identical_drop: list[int] = []
+        conflicting: list[list[int]] = []
+        for g in dup_groups:
+            digests = {self.digest(slices[i].path) for i in g}
+            if len(digests) == 1:
+                identical_drop.extend(g[1:])
+            else:
+                conflicting.append(g)
+        if identical_drop:
+            self.warnings.append(f"dropped {len(identical_drop)} byte-identical duplicate files")
+            self.drop([slices[i] for i in identical_drop], "duplicate_identical")
+            gone = set(identical_drop)
+            slices = [h for i, h in enumerate(slices) if i not in gone]
+            keys = [k for i, k in enumerate(keys) if i not in gone]
+        if not conflicting:
+            return slices
+        n_positions = len(set(keys))
+        index_of = {id(h): i for i, h in enumerate(slices)}
+        conflicting = [[index_of[id(slices_before[i])] for i in g] for g in conflicting]
+        g = conflicting[0]
+        evidence = (f"{len(slices)} files but only {n_positions} distinct slice positions; "
+                    f"{len(conflicting)} positions hold different pixels, e.g. files "
+                    f"{[slices[i].name for i in g]} at {list(slices[g[0]].ipp)}")
+        if not self.lenient:
+            raise self.fail("duplicate_position", evidence, slices[g[0]].name)
+        # stack = how many times this position was seen before, in file-number order
+        seen: Counter = Counter()
+        stack_of = []
+        for k in keys:
+            stack_of.append(seen[k])
+            seen[k] += 1
+        n_stacks = max(stack_of) + 1
+        keep = [h for h, st in zip(slices, stack_of) if st == 0]
+        self.drop([h for h, st in zip(slices, stack_of) if st > 0], "duplicate_stack")
+        self.reasons.append("duplicate_position")
+        self.repairs.append(
+            f"{evidence}; split into {n_stacks} stacks, kept the first ({len(keep)} files, "
+            f"file numbers {keep[0].file_number}..{keep[-1].file_number})")
+        return keep
+
+    # -- spacing and tilt ----------------------------------------------------------------
+    def check_spacing(self, plan: SeriesPlan) -> None:
+        p, iop = plan.positions, plan.iop
+        if len(p) < 2:
+            return
+        s = geometry.project_positions(p, iop)
+        steps = np.diff(s)
+        med = float(np.median(steps))
+        plan.step_mm = med
+        plan.steps = {"min": float(steps.min()), "median": med, "max": float(steps.max())}
+        problems: list[tuple[str, str, str]] = []
+        is_gap = geometry.missing_slice_gaps(steps, med, GAP_FACTOR)
+        big = np.flatnonzero(is_gap)
+        if big.size:
+            k = int(big[np.argmax(steps[big])])
+            problems.append(("gap", f"{big.size} gaps of missing slices, largest "
+                             f"{steps[k]:.2f} mm between files {plan.slices[k].name} and "
+                             f"{plan.slices[k + 1].name} (median step {med:.3f} mm)",
+                             plan.slices[k + 1].name))
+        regular = steps[~is_gap]
+        dev = np.abs(regular - med) / med if regular.size else np.zeros(1)
+        if dev.max() > SPACING_RTOL:
+            k = int(np.flatnonzero(~is_gap)[np.argmax(dev)])
+            problems.append(("nonuniform_spacing", f"steps along the normal range "
+                             f"{regular.min():.3f}-{regular.max():.3f} mm (median {med:.3f}, "
+                             f"tolerance {SPACING_RTOL:.0%}), e.g. {steps[k]:.3f} mm before "
+                             f"{plan.slices[k + 1].name}", plan.slices[k + 1].name))
+        drift = geometry.perpendicular_offsets(p, iop)
+        plan.max_drift_mm = float(drift.max())
+        plan.tilt_deg = geometry.tilt_angle_deg(p, iop)
+        tol = TILT_TOL_PIXELS * min(plan.pixel_spacing)
+        if plan.max_drift_mm > tol:
+            k = int(np.argmax(drift))
+            problems.append(("gantry_tilt", f"slice origins drift {plan.max_drift_mm:.2f} mm off "
+                             f"the slice normal (tilt {plan.tilt_deg:.2f} deg, tolerance "
+                             f"{tol:.3f} mm)", plan.slices[k].name))
+        if not problems:
+            return
+        priority = ("gantry_tilt", "gap", "nonuniform_spacing")
+        problems.sort(key=lambda pr: priority.index(pr[0]))
+        if not self.lenient:
+            code, evidence, file = problems[0]
+            raise self.fail(code, evidence + "".join(f"; also {c}: {e}" for c, e, _ in
+                                                     problems[1:]), file)
+        plan.resample = True
+        for code, evidence, _ in problems:
+            self.reasons.append(code)
+            self.repairs.append(f"{code}: {evidence}")
+        self.repairs.append(f"resampled onto an orthogonal grid with {med:.4f} mm steps "
+                            "(linear, gaps and borders filled with -1024 HU)")
+
+
+def plan_series(scan: ScanResult, lenient: bool = False,
+                digest: Callable[[str], str] = pixel_digest) -> SeriesPlan:
+    """Validate a scan and return the decoding plan, or raise :class:`SeriesError`.
+
+    Args:
+        scan: the header scan of one study folder.
+        lenient: repair what can be repaired (see the module table) instead of rejecting.
+        digest: function returning a PixelData fingerprint for a path (for duplicates).
+    """
+    v = _Validator(scan, lenient, digest)
+    if scan.corrupt:
+        c = scan.corrupt[0]
+        raise v.fail("corrupt_file", f"{len(scan.corrupt)} unreadable file(s): {c['evidence']}",
+                     c["file"])
+    if not scan.slices:
+        kinds = Counter(s["reason"] for s in scan.skipped)
+        raise v.fail("no_images", f"no usable CT slice among {scan.files_seen} files "
+                     f"(skipped: {dict(kinds)})")
+    slices = v.choose_series(scan.slices)
+    slices = v.choose_geometry(slices)
+    assume = v.check_rescale(slices)
+    direction = geometry.file_order_direction([h.file_number for h in slices],
+                                              np.array([h.ipp for h in slices]))
+    slices = v.resolve_duplicates(slices)
+    positions = np.array([h.ipp for h in slices], dtype=float)
+    order = geometry.sort_slices(positions, slices[0].iop)
+    slices = [slices[i] for i in order]
+    thickness = slices[0].thickness
+    plan = SeriesPlan(slices=slices, positions=positions[order],
+                      step_mm=float(thickness) if thickness else 1.0, assume_rescale=assume,
+                      z_direction=direction)
+    v.check_spacing(plan)
+    plan.reasons, plan.repairs, plan.warnings, plan.skipped = (v.reasons, v.repairs,
+                                                               v.warnings, v.skipped)
+    return plan
+
+
+def plan_summary(plan: SeriesPlan) -> dict[str, Any]:
+    """The geometry facts of a plan as QC-record fields (JSON-serialisable)."""
+    first = plan.slices[0]
+    return {
+        "n_slices": len(plan.slices),
+        "rows": first.rows, "cols": first.cols,
+        "pixel_spacing": [float(x) for x in first.pixel_spacing],
+        "thickness": first.thickness,
+        "step_mm": round(plan.step_mm, 6),
+        "steps": {k: round(x, 6) for k, x in plan.steps.items()},
+        "z_direction": plan.z_direction,
+        "tilt_deg": round(plan.tilt_deg, 4),
+        "max_drift_mm": round(plan.max_drift_mm, 4),
+        "file_numbers": [min(h.file_number for h in plan.slices),
+                         max(h.file_number for h in plan.slices)],
+        "iop": [round(x, 6) for x in first.iop],
+    }
