@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.valuerep import DSfloat
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
@@ -36,36 +37,31 @@ def axial_positions(n: int, step: float = 0.625, z_top: float = 0.0, x: float = 
     return np.stack([np.full(n, x), np.full(n, y), z], axis=1)
 
 
-def write_slice(path: Path, stored: np.ndarray, ipp: Sequence[float], *, study_uid: str,
-                number: int, series_uid: str | None = None, iop: Sequence[float] = AXIAL,
+def make_header(stored: np.ndarray, ipp: Sequence[float], *, study_uid: str, number: int,
+                series_uid: str | None = None, iop: Sequence[float] = AXIAL,
                 pixel_spacing: Sequence[float] = (0.5, 0.5), thickness: float = 0.625,
                 slope: float | None = 1.0, intercept: float | None = -1024.0,
-                signed: bool = True, bits_stored: int = 16, padding: int | None = None,
-                transfer_syntax: str = ExplicitVRLittleEndian) -> Path:
-    """Write one slice of stored values ``stored`` (rows, cols) with an RSNA-like header.
+                signed: bool = True, bits_stored: int = 16, padding: int | None = None
+                ) -> Dataset:
+    """An RSNA-like dataset for one slice of stored values ``stored`` (rows, cols).
 
-    ``slope``/``intercept`` of None omit the rescale tags. ``transfer_syntax`` may be RLE
-    Lossless (pydicom encodes it); other compressed syntaxes need an external encoder.
+    ``slope``/``intercept`` of None omit the rescale tags.
     """
     rows, cols = stored.shape
     study_uid = as_uid(study_uid)
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = f"{study_uid}.1.{number}"
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     meta.ImplementationVersionName = "PYDICOM 2.3.0"
     ds = Dataset()
     ds.file_meta = meta
     ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.StudyInstanceUID = study_uid
     ds.SeriesInstanceUID = series_uid or f"{study_uid}.1"
     ds.PatientName = ds.PatientID = study_uid.rsplit(".", 1)[-1]
-    ds.InstanceNumber = number
-    ds.ImagePositionPatient = [f"{v:.6g}" for v in ipp]
-    ds.ImageOrientationPatient = [f"{v:.8g}" for v in iop]
-    ds.PixelSpacing = [f"{v:.6g}" for v in pixel_spacing]
+    ds.ImageOrientationPatient = [DSfloat(float(v), auto_format=True) for v in iop]
+    ds.PixelSpacing = [DSfloat(float(v), auto_format=True) for v in pixel_spacing]
     ds.SliceThickness = f"{thickness:g}"
     ds.Rows, ds.Columns = rows, cols
     ds.SamplesPerPixel = 1
@@ -81,12 +77,36 @@ def write_slice(path: Path, stored: np.ndarray, ipp: Sequence[float], *, study_u
     if padding is not None:
         ds.PixelPaddingValue = int(padding)
     ds.WindowCenter, ds.WindowWidth = "500", "2000"
-    ds.PixelData = np.ascontiguousarray(stored.astype(np.int16 if signed else np.uint16)).tobytes()
+    _set_slice(ds, stored, ipp, number)
+    return ds
+
+
+def _set_slice(ds: Dataset, stored: np.ndarray, ipp: Sequence[float], number: int) -> None:
+    uid = f"{ds.StudyInstanceUID}.1.{number}"
+    ds.file_meta.MediaStorageSOPInstanceUID = uid
+    ds.SOPInstanceUID = uid
+    ds.InstanceNumber = number
+    ds.ImagePositionPatient = [DSfloat(float(v), auto_format=True) for v in ipp]
+    dtype = np.int16 if ds.PixelRepresentation == 1 else np.uint16
+    ds.PixelData = np.ascontiguousarray(stored.astype(dtype)).tobytes()
+
+
+def _save(ds: Dataset, path: Path, transfer_syntax: str) -> Path:
     if transfer_syntax != ExplicitVRLittleEndian:
         ds.compress(transfer_syntax)
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def write_slice(path: Path, stored: np.ndarray, ipp: Sequence[float], *,
+                transfer_syntax: str = ExplicitVRLittleEndian, **header) -> Path:
+    """Write one slice (see :func:`make_header` for the header keywords).
+
+    ``transfer_syntax`` may be RLE Lossless (pydicom encodes it); other compressed syntaxes
+    need an external encoder.
+    """
+    return _save(make_header(stored, ipp, **header), Path(path), transfer_syntax)
 
 
 def write_series(folder: Path, stored: np.ndarray, positions: np.ndarray, *,
@@ -104,8 +124,16 @@ def write_series(folder: Path, stored: np.ndarray, positions: np.ndarray, *,
     folder = Path(folder)
     study_uid = study_uid or folder.name
     numbers = list(file_numbers) if file_numbers is not None else list(range(1, len(stored) + 1))
-    return [write_slice(folder / f"{n}.dcm", stored[i], positions[i], study_uid=study_uid,
-                        number=n, **header) for i, n in enumerate(numbers)]
+    ts = header.pop("transfer_syntax", ExplicitVRLittleEndian)
+    paths = []
+    ds = None
+    for i, n in enumerate(numbers):
+        if ds is None or ts != ExplicitVRLittleEndian:
+            ds = make_header(stored[i], positions[i], study_uid=study_uid, number=n, **header)
+        else:  # reuse the header: only the per-slice elements change
+            _set_slice(ds, stored[i], positions[i], n)
+        paths.append(_save(ds, folder / f"{n}.dcm", ts))
+    return paths
 
 
 def ramp_stack(n: int, rows: int = 8, cols: int = 8, seed: int = 0) -> np.ndarray:

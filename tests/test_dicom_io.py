@@ -248,3 +248,28 @@ def test_scan_series_census_row(tmp_path):
     write_slice(tmp_path / "one" / "1.dcm", ramp_stack(1)[0], (0, 0, 0), study_uid="x", number=1)
     assert scan_series(tmp_path / "one")["status"] == "ok"
     assert scan_series(tmp_path / "missing")["status"] == "rejected"
+
+
+# ------------------------------------------------------------------ geometry helpers used here
+def test_geometry_stack_helpers():
+    stack = np.arange(2 * 3 * 4).reshape(2, 3, 4)  # (Z, rows, cols)
+    xyz = geometry.stack_to_xyz(stack)
+    assert xyz.shape == (4, 3, 2) and xyz[3, 1, 0] == stack[0, 1, 3]
+    pos = np.array([[0, 0, 0], [0, 0.5, 1], [0, 1.0, 2]], float)
+    np.testing.assert_allclose(geometry.perpendicular_offsets(pos, AXIAL), [0, 0.5, 1.0])
+    assert geometry.file_order_direction([1, 2, 3], pos[::-1]) == "descending"
+    assert geometry.file_order_direction([3, 1, 2], pos) == "mixed"
+    assert geometry.file_order_direction([1], pos[:1]) == "single"
+    gaps = geometry.missing_slice_gaps(np.array([1.0, 2.0, 1.75, 3.05, 1.0]), 1.0)
+    assert gaps.tolist() == [False, True, False, True, False]
+
+
+def test_resample_stack_uneven_steps_and_gap():
+    z = np.array([0.0, 1.0, 2.0, 2.5, 3.5, 6.5])  # a half step, then a 3-step gap
+    pos = np.stack([np.zeros(6), np.zeros(6), z], axis=1)
+    hu = np.broadcast_to((100 * z).astype(np.int16), (3, 2, 6))  # HU = 100 * z
+    out, affine, source = geometry.resample_stack(hu, pos, AXIAL, (1.0, 1.0), 1.0)
+    assert out.shape == (3, 2, 7) and out.dtype == np.int16
+    np.testing.assert_allclose(geometry.spacing_of(affine), [1, 1, 1])
+    assert out[0, 0, :].tolist() == [0, 100, 200, 300, -1024, -1024, -1024]
+    assert source.tolist() == [0, 1, 2, -1, -1, -1, -1]
