@@ -1,0 +1,85 @@
+"""``cspine synth OUT_DIR``: write a synthetic dataset in the exact RSNA 2022 layout."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+NAME = "synth"
+HELP = "write a synthetic RSNA-layout dataset (DICOM, NIfTI masks, CSVs) for demos and tests"
+DESCRIPTION = (
+    "Write a learnable synthetic cervical-spine CT dataset in the exact RSNA 2022 layout: "
+    "train.csv, test.csv, sample_submission.csv, train_bounding_boxes.csv, "
+    "train_images/<UID>/<n>.dcm, test_images/<UID>/<n>.dcm, segmentations/<UID>.nii. "
+    "Same seed and options give identical pixels and CSVs. Re-running into the same folder "
+    "resumes; a folder written with other options is refused unless --overwrite. The true "
+    "test labels go to OUT_DIR/_synth_truth/test_labels.csv (not part of the RSNA layout). "
+    "See docs/synth.md.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="dataset root to write")
+    parser.add_argument("--preset", choices=("tiny", "demo", "full"), default="demo",
+                        help="size preset: tiny (tests, seconds), demo (make demo), full "
+                             "(512² × ~300 slices, benchmarks)")
+    parser.add_argument("--seed", type=int, default=0, help="master random seed")
+    parser.add_argument("--n-train", type=int, help="number of train studies (preset value)")
+    parser.add_argument("--n-test", type=int, help="number of test studies (preset value)")
+    parser.add_argument("--size", type=int, help="Rows = Columns in pixels (preset value)")
+    parser.add_argument("--max-slices", type=int, help="most slices per study (preset value)")
+    parser.add_argument("--jpeg-fraction", type=float,
+                        help="share of studies written JPEG Lossless SV1 (preset: 0.3)")
+    parser.add_argument("--mask-fraction", type=float,
+                        help="share of train studies with a NIfTI mask (preset value)")
+    parser.add_argument("--box-fraction", type=float,
+                        help="share of positive train studies with bounding boxes")
+    parser.add_argument("--reversed-fraction", type=float,
+                        help="share of studies numbered feet-first (preset: 0.1)")
+    parser.add_argument("--prevalence", type=_prevalence, metavar="C1=P,...,patient_overall=P",
+                        help="per-target positive rates (missing keys keep the preset's)")
+    parser.add_argument("--workers", type=int, help="worker processes (preset: 2)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a synthetic dataset written with different options")
+    parser.add_argument("--figure", type=Path, metavar="PNG",
+                        help="also draw a sagittal + axial view with the aligned mask and a "
+                             "crack of one study (docs/images/synth_example.png)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _prevalence(text: str) -> dict[str, float]:
+    out = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = float(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{item!r}: {exc}") from exc
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from common.synth import SynthStateError, generate
+
+    overrides = {"n_train": args.n_train, "n_test": args.n_test, "size": args.size,
+                 "max_slices": args.max_slices, "jpeg_fraction": args.jpeg_fraction,
+                 "mask_fraction": args.mask_fraction, "box_fraction": args.box_fraction,
+                 "reversed_fraction": args.reversed_fraction, "prevalence": args.prevalence,
+                 "workers": args.workers}
+    start = time.perf_counter()
+    try:
+        out = generate(args.out_dir, preset=args.preset, seed=args.seed,
+                       overwrite=args.overwrite, progress=not args.no_progress, **overrides)
+    except (SynthStateError, ValueError) as exc:
+        print(f"cspine synth: {exc}", file=sys.stderr)
+        return 2
+    print(f"cspine synth: wrote {out} ({time.perf_counter() - start:.1f} s)")
+    if args.figure is not None:
+        from common.synth.figure import make_figure
+
+        uid = make_figure(out, args.figure)
+        print(f"cspine synth: figure of {uid} -> {args.figure}")
+    return 0
