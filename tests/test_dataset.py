@@ -145,3 +145,28 @@ def test_paths_from_env_with_clear_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("CSPINE_WORK", str(tmp_path / "w"))
     assert work_root() == tmp_path / "w" and (tmp_path / "w").is_dir()
     assert folds_path() == tmp_path / "w" / "folds.csv"
+
+
+def test_synthetic_tiny_dataset_end_to_end(tiny_data, tmp_path, capsys):
+    """The synthetic RSNA layout: indexed without problems; boxes name existing files; folds and a
+    prior submission score through the CLI."""
+    import pandas as pd
+
+    from common.folds import ensure_folds
+    from common.metric import baseline_prevalence, constant_prediction, wide_to_submission
+    from cspine.cli import main
+
+    ds = RSNADataset(tiny_data)
+    assert ds.problems() == []
+    s = ds.summary()
+    assert s["train_usable"] == s["train_labels"] > 0 and s["test_folders"] > 0
+    for uid, numbers in ds.boxes.groupby("StudyInstanceUID")["slice_number"]:
+        assert all((ds.study_dir(uid) / f"{n}.dcm").is_file() for n in numbers), uid
+    folds = ensure_folds(ds.labels, tmp_path / "folds.csv", n_folds=3)
+    assert sorted(folds["StudyInstanceUID"]) == ds.train_uids()
+    sub = tmp_path / "sub.csv"
+    prior = constant_prediction(ds.train_uids(), baseline_prevalence(ds.labels))
+    wide_to_submission(prior).to_csv(sub, index=False)
+    assert main(["score", str(tiny_data / "train.csv"), str(sub)]) == 0
+    assert "competition_loss (study)" in capsys.readouterr().out
+    assert len(pd.read_csv(sub)) == 8 * len(ds.train_uids())
