@@ -7,8 +7,10 @@ Slope/Intercept, or the Modality LUT, as ``pydicom.pixels.apply_modality_lut`` d
 above 32767 are clipped (and counted). The result is int16, never a float copy of the volume.
 
 Threads do not help (the decoders hold the GIL), so series of ``MIN_PARALLEL_SLICES`` slices or
-more are decoded by a persistent pool of worker processes that return int16 slabs of up to
-``CHUNK`` slices; the parent copies each slab into one preallocated (Z, rows, cols) buffer.
+more are decoded by a persistent pool of worker processes, in chunks of up to ``CHUNK`` slices.
+The workers write int16 straight into one (Z, rows, cols) buffer backed by a file in /dev/shm
+(unlinked as soon as they finish, so nothing is left behind); where /dev/shm is missing or too
+small they return int16 slabs that the parent copies into a preallocated buffer instead.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ import math
 import multiprocessing
 import os
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -60,17 +63,19 @@ def default_workers() -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
 
-def to_hu(stored: np.ndarray, item: DecodeItem, ds: Any = None) -> tuple[np.ndarray, dict]:
+def to_hu(stored: np.ndarray, item: DecodeItem, ds: Any = None,
+          out: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
     """Stored values (rows, cols) → int16 HU with padding and the floor at -1024 applied.
 
     Args:
         stored: decoded stored values (any integer dtype).
         item: the slice's rescale and padding parameters.
         ds: the full dataset, needed only when ``item.use_lut`` (Modality LUT Sequence).
+        out: optional int16 (rows, cols) array to write into (e.g. a slice of the volume).
 
     Returns:
-        (int16 HU array (rows, cols), stats dict: stored_min, hu_min, hu_max, n_padding,
-        n_below, n_above).
+        (int16 HU array (rows, cols), stats dict: raw_min (HU before padding and the floor),
+        hu_min, hu_max, n_padding, n_below, n_above).
     """
     pad = None
     if item.padding is not None:
@@ -82,28 +87,36 @@ def to_hu(stored: np.ndarray, item: DecodeItem, ds: Any = None) -> tuple[np.ndar
 
         hu = np.rint(apply_modality_lut(stored, ds)).astype(np.int32)
     elif item.slope == 1.0 and float(item.intercept).is_integer():
-        hu = stored.astype(np.int32)
-        hu += int(item.intercept)
+        hu = np.add(stored, np.int32(item.intercept), dtype=np.int32)
     else:
         hu = stored.astype(np.float32)
         hu *= np.float32(item.slope)
         hu += np.float32(item.intercept)
         hu = np.rint(hu, out=hu)
+    lo_v, hi_v = int(hu.min()), int(hu.max())
+    raw_min = lo_v
     n_pad = 0
     if pad is not None:
-        n_pad = int(pad.sum())
-        hu[pad] = AIR_HU
-    n_below = int((hu < AIR_HU).sum())
-    n_above = int((hu > INT16_MAX).sum())
-    np.clip(hu, AIR_HU, INT16_MAX, out=hu)
-    out = hu.astype(np.int16)
-    stats = {"stored_min": int(stored.min()), "hu_min": int(out.min()), "hu_max": int(out.max()),
-             "n_padding": n_pad, "n_below": n_below, "n_above": n_above}
+        n_pad = int(np.count_nonzero(pad))
+        if n_pad:
+            hu[pad] = AIR_HU
+            lo_v, hi_v = int(hu.min()), int(hu.max())
+    n_below = n_above = 0
+    if lo_v < AIR_HU or hi_v > INT16_MAX:  # rare: only then pay for the extra passes
+        n_below = int(np.count_nonzero(hu < AIR_HU))
+        n_above = int(np.count_nonzero(hu > INT16_MAX))
+        np.clip(hu, AIR_HU, INT16_MAX, out=hu)
+        lo_v, hi_v = max(lo_v, AIR_HU), min(hi_v, INT16_MAX)
+    if out is None:
+        out = np.empty(stored.shape, dtype=np.int16)
+    np.copyto(out, hu, casting="unsafe")
+    stats = {"raw_min": raw_min, "hu_min": lo_v, "hu_max": hi_v, "n_padding": n_pad,
+             "n_below": n_below, "n_above": n_above}
     return out, stats
 
 
-def decode_one(item: DecodeItem) -> tuple[np.ndarray, dict]:
-    """Decode one file to int16 HU (rows, cols); raises :class:`DecodeError`."""
+def decode_one(item: DecodeItem, out: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+    """Decode one file to int16 HU (rows, cols), into ``out`` if given; raises DecodeError."""
     import pydicom
     from pydicom.pixels import pixel_array
 
@@ -124,31 +137,71 @@ def decode_one(item: DecodeItem) -> tuple[np.ndarray, dict]:
     if stored.shape != (item.rows, item.cols):
         raise DecodeError(item.path, "corrupt_file", f"decoded shape {stored.shape} != "
                           f"Rows x Columns {(item.rows, item.cols)}")
-    return to_hu(stored, item, ds)
+    return to_hu(stored, item, ds, out)
 
 
 def _merge(total: dict, stats: dict) -> None:
     if not total:
         total.update(stats)
         return
-    total["stored_min"] = min(total["stored_min"], stats["stored_min"])
+    total["raw_min"] = min(total["raw_min"], stats["raw_min"])
     total["hu_min"] = min(total["hu_min"], stats["hu_min"])
     total["hu_max"] = max(total["hu_max"], stats["hu_max"])
     for k in ("n_padding", "n_below", "n_above"):
         total[k] += stats[k]
 
 
-def _decode_chunk(items: Sequence[DecodeItem]) -> tuple[np.ndarray | None, dict, tuple | None]:
-    """Worker entry: decode consecutive slices into one int16 slab (n, rows, cols)."""
-    out = np.empty((len(items), items[0].rows, items[0].cols), dtype=np.int16)
+def _decode_chunk(items: Sequence[DecodeItem], target: tuple[str, tuple, int] | None = None
+                  ) -> tuple[np.ndarray | None, dict, tuple | None]:
+    """Worker entry: decode consecutive slices.
+
+    With ``target = (path, shape, start)`` the slices are written into the shared int16 file
+    mapping at ``path`` (rows ``start`` …) and no pixels travel back; otherwise they come back
+    as one slab (n, rows, cols).
+    """
+    if target is not None:
+        path, shape, start = target
+        volume = np.memmap(path, dtype=np.int16, mode="r+", shape=shape)
+        out = volume[start:start + len(items)]
+    else:
+        out = np.empty((len(items), items[0].rows, items[0].cols), dtype=np.int16)
     total: dict = {}
-    for i, item in enumerate(items):
+    try:
+        for i, item in enumerate(items):
+            try:
+                _, stats = decode_one(item, out=out[i])
+            except DecodeError as exc:
+                return None, total, (exc.path, exc.reason, str(exc))
+            _merge(total, stats)
+    finally:
+        if target is not None:
+            del out, volume
+    return (None if target is not None else out), total, None
+
+
+def _shared_buffer(shape: tuple[int, ...]) -> tuple[np.ndarray, str] | None:
+    """An int16 array backed by a file in /dev/shm (workers map the same pages), or None.
+
+    Used only where /dev/shm exists with room to spare (it is 64 MB in default Docker
+    containers); the caller unlinks the file once the workers are done, and the mapping
+    lives on until the array is freed.
+    """
+    nbytes = int(np.prod(shape)) * 2
+    shm = "/dev/shm"
+    if not sys.platform.startswith("linux") or not os.path.isdir(shm):
+        return None
+    try:
+        st = os.statvfs(shm)
+        if st.f_bavail * st.f_frsize < nbytes * 1.25 + (64 << 20):
+            return None
+        fd, path = tempfile.mkstemp(prefix="cspine-decode-", suffix=".i16", dir=shm)
         try:
-            out[i], stats = decode_one(item)
-        except DecodeError as exc:
-            return None, total, (exc.path, exc.reason, str(exc))
-        _merge(total, stats)
-    return out, total, None
+            os.ftruncate(fd, nbytes)
+        finally:
+            os.close(fd)
+        return np.memmap(path, dtype=np.int16, mode="r+", shape=shape), path
+    except OSError:
+        return None
 
 
 _POOL: ProcessPoolExecutor | None = None
@@ -185,6 +238,20 @@ def shutdown_pool() -> None:
 atexit.register(shutdown_pool)
 
 
+def parallel_map(fn: Callable, chunks: list, workers: int | None = None) -> list:
+    """``[fn(c) for c in chunks]`` computed by the shared worker pool (in order).
+
+    Falls back to this process when ``workers`` is 1 or the pool breaks.
+    """
+    workers = default_workers() if workers is None else max(1, int(workers))
+    if workers > 1 and len(chunks) > 1:
+        try:
+            return list(get_pool(workers).map(fn, chunks))
+        except BrokenProcessPool:
+            shutdown_pool()
+    return [fn(c) for c in chunks]
+
+
 def decode_stack(items: Sequence[DecodeItem], workers: int | None = None
                  ) -> tuple[np.ndarray, dict]:
     """Decode slices into one int16 stack (Z, rows, cols), ``stack[k]`` from ``items[k]``.
@@ -195,7 +262,7 @@ def decode_stack(items: Sequence[DecodeItem], workers: int | None = None
             ``MIN_PARALLEL_SLICES`` slices, decodes in this process.
 
     Returns:
-        (stack, stats) with stats: stored_min, hu_min, hu_max, n_padding, n_below, n_above,
+        (stack, stats) with stats: raw_min, hu_min, hu_max, n_padding, n_below, n_above,
         workers (processes actually used), seconds.
 
     Raises:
@@ -204,37 +271,55 @@ def decode_stack(items: Sequence[DecodeItem], workers: int | None = None
     t0 = time.perf_counter()
     workers = default_workers() if workers is None else max(1, int(workers))
     n = len(items)
-    stack = np.empty((n, items[0].rows, items[0].cols), dtype=np.int16)
+    shape = (n, items[0].rows, items[0].cols)
     total: dict = {}
-    used = 1
     if workers > 1 and n >= MIN_PARALLEL_SLICES:
-        chunk = max(4, min(CHUNK, math.ceil(n / (workers * 4))))
-        starts = list(range(0, n, chunk))
         try:
-            pool = get_pool(workers)
-            futures = {pool.submit(_decode_chunk, items[s:s + chunk]): s for s in starts}
-            for fut in as_completed(futures):
-                slab, stats, error = fut.result()
-                if error is not None:
-                    for f in futures:
-                        f.cancel()
-                    raise DecodeError(*error)
-                s = futures[fut]
-                stack[s:s + len(slab)] = slab
-                _merge(total, stats)
-            used = workers
+            stack = _parallel(items, shape, workers, total)
+            total["workers"] = workers
         except BrokenProcessPool:
             shutdown_pool()
-            total, used = {}, 1
-            _serial(items, stack, total)
+            total = {}
+            stack = None
     else:
+        stack = None
+    if stack is None:
+        stack = np.empty(shape, dtype=np.int16)
         _serial(items, stack, total)
-    total["workers"] = used
+        total["workers"] = 1
     total["seconds"] = round(time.perf_counter() - t0, 4)
     return stack, total
 
 
+def _parallel(items: Sequence[DecodeItem], shape: tuple[int, int, int], workers: int,
+              total: dict) -> np.ndarray:
+    n = shape[0]
+    chunk = max(4, min(CHUNK, math.ceil(n / (workers * 4))))
+    shared = _shared_buffer(shape)
+    stack = np.empty(shape, dtype=np.int16) if shared is None else shared[0]
+    try:
+        pool = get_pool(workers)
+        futures = {}
+        for s in range(0, n, chunk):
+            target = None if shared is None else (shared[1], shape, s)
+            futures[pool.submit(_decode_chunk, items[s:s + chunk], target)] = s
+        for fut in as_completed(futures):
+            slab, stats, error = fut.result()
+            if error is not None:
+                for f in futures:
+                    f.cancel()
+                raise DecodeError(*error)
+            if slab is not None:
+                s = futures[fut]
+                stack[s:s + len(slab)] = slab
+            _merge(total, stats)
+    finally:
+        if shared is not None:
+            os.unlink(shared[1])  # the pages stay mapped in this process until freed
+    return np.asarray(stack)
+
+
 def _serial(items: Sequence[DecodeItem], stack: np.ndarray, total: dict) -> None:
     for k, item in enumerate(items):
-        stack[k], stats = decode_one(item)
+        _, stats = decode_one(item, out=stack[k])
         _merge(total, stats)

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from common import decoders, geometry
-from common.dicom_decode import DecodeError, DecodeItem, decode_stack
+from common.dicom_decode import DecodeError, DecodeItem, decode_stack, parallel_map
 from common.dicom_scan import ScanResult, SeriesError, scan_folder
 from common.geometry import Volume
 from common.series_validate import SeriesPlan, plan_series, plan_summary
@@ -104,7 +104,7 @@ def load_series(study_dir: str | os.PathLike, lenient: bool = False,
             ``.qc`` the QC record with status ``rejected``).
     """
     t0 = time.perf_counter()
-    scan = scan_folder(study_dir)
+    scan = scan_folder(study_dir, map_chunks=lambda fn, chunks: parallel_map(fn, chunks, workers))
     qc = _base_qc(scan, lenient)
     try:
         plan = plan_series(scan, lenient=lenient)
@@ -130,10 +130,10 @@ def load_series(study_dir: str | os.PathLike, lenient: bool = False,
                                       str(exc))) from None
     qc["timings"]["decode_s"] = stats["seconds"]
     qc["workers"] = stats["workers"]
-    if plan.assume_rescale and stats["stored_min"] > HU_AIR_MAX:
+    if plan.assume_rescale and stats["raw_min"] > HU_AIR_MAX:
         raise _reject(qc, SeriesError(
             scan.study, "", "no_rescale", f"no rescale in the headers and the stored minimum "
-            f"{stats['stored_min']} does not look like HU air (<= {HU_AIR_MAX})"))
+            f"{stats['raw_min']} does not look like HU air (<= {HU_AIR_MAX})"))
 
     file_numbers = np.array([h.file_number for h in plan.slices], dtype=np.int64)
     hu = geometry.stack_to_xyz(stack)

@@ -17,7 +17,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 #: Uncompressed transfer syntaxes (their PixelData length is known from the header).
 _NATIVE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2",
@@ -198,8 +198,20 @@ def read_header(path: Path) -> tuple[str, Any]:
     return "slice", header
 
 
-def scan_folder(study_dir: str | os.PathLike) -> ScanResult:
+def classify_files(paths: list[str]) -> list[tuple[str, Any]]:
+    """:func:`read_header` for each path, in order (a picklable unit of work for a pool)."""
+    return [read_header(Path(p)) for p in paths]
+
+
+def scan_folder(study_dir: str | os.PathLike,
+                map_chunks: Callable[[Callable, list[list[str]]], list] | None = None,
+                chunk: int = 64) -> ScanResult:
     """Scan every regular file in ``study_dir`` (not recursive; hidden files count as seen).
+
+    Args:
+        study_dir: the study folder.
+        map_chunks: optional ``map_chunks(fn, chunks) -> [fn(chunk), ...]`` (e.g. a process
+            pool) used when there is more than one chunk of ``chunk`` files.
 
     Slices come back in file-name order; ordering by position is the validator's job.
     """
@@ -210,15 +222,20 @@ def scan_folder(study_dir: str | os.PathLike) -> ScanResult:
     result = ScanResult(study=folder.name)
     if not folder.is_dir():
         raise SeriesError(folder.name, "", "no_images", f"{folder} is not a folder")
-    for path in sorted(p for p in folder.iterdir() if p.is_file()):
-        result.files_seen += 1
-        kind, payload = read_header(path)
+    paths = sorted(str(e.path) for e in os.scandir(folder) if e.is_file())
+    chunks = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
+    if map_chunks is not None and len(chunks) > 1:
+        parts = map_chunks(classify_files, chunks)
+    else:
+        parts = [classify_files(c) for c in chunks]
+    result.files_seen = len(paths)
+    for path, (kind, payload) in zip(paths, (r for part in parts for r in part)):
+        name = os.path.basename(path)
         if kind == "slice":
             result.slices.append(payload)
         elif kind == "skip":
-            result.skipped.append({"file": path.name, "reason": payload})
+            result.skipped.append({"file": name, "reason": payload})
         else:
-            result.corrupt.append({"file": path.name, "reason": "corrupt_file",
-                                   "evidence": payload})
+            result.corrupt.append({"file": name, "reason": "corrupt_file", "evidence": payload})
     result.seconds = time.perf_counter() - t0
     return result
