@@ -1,0 +1,93 @@
+"""LightningCLI for stage 2: ``python -m stage2_classify fit|validate|predict -c configs/stage2/<exp>.yaml``.
+
+Links (derived values are never typed twice):
+
+* ``data.windows, data.all_mask, data.vertebra_channels`` → ``model.net.init_args.in_channels``
+  (channel count) and → ``model.preprocess`` (kept in the checkpoint for inference);
+* ``data.aux_bins`` → ``model.aux_bins``.
+
+After ``fit`` the CLI writes ``<default_root_dir>/run.json`` (best checkpoint, its score, fold)
+and the fold's out-of-fold predictions ``<oof_dir>/fold<k>.csv`` from the best checkpoint
+(``--oof_dir``, default ``<default_root_dir>/../oof``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
+
+from stage2_classify.data import CropDataModule, num_channels, preprocess_dict
+from stage2_classify.module import CropClassifier
+
+CHANNEL_SOURCES = ("data.windows", "data.all_mask", "data.vertebra_channels")
+
+
+class WandbSaveConfigCallback(SaveConfigCallback):
+    """Save ``config.yaml`` (never overwriting) and log the resolved config to W&B (rank 0).
+
+    A resumed fit (``--ckpt_path``) keeps the first run's ``config.yaml`` and saves its own
+    config beside it as ``config.resume<N>.yaml`` instead of refusing to start.
+    """
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        log_dir = trainer.log_dir
+        if (not self.already_saved and trainer.ckpt_path and log_dir
+                and (Path(log_dir) / self.config_filename).exists()):
+            n = 1
+            while (Path(log_dir) / f"config.resume{n}.yaml").exists():
+                n += 1
+            self.config_filename = f"config.resume{n}.yaml"
+        super().setup(trainer, pl_module, stage)
+
+    def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        from pytorch_lightning.loggers import WandbLogger
+
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+                logger.experiment.config.update(self.config.as_dict(), allow_val_change=True)
+
+
+class Stage2CLI(LightningCLI):
+    """LightningCLI with the stage-2 links, checkpoint folder and post-fit OOF step."""
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.add_argument("--oof_dir", type=str | None, default=None,
+                            help="where fit writes fold<k>.csv OOF predictions "
+                                 "(default <trainer.default_root_dir>/../oof)")
+        parser.link_arguments(CHANNEL_SOURCES, "model.net.init_args.in_channels",
+                              compute_fn=num_channels)
+        parser.link_arguments(CHANNEL_SOURCES, "model.preprocess", compute_fn=preprocess_dict)
+        parser.link_arguments("data.aux_bins", "model.aux_bins")
+
+    def _sub(self) -> Any:
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    def before_fit(self) -> None:
+        """Keep checkpoints in ``<default_root_dir>/checkpoints`` and remember the net config."""
+        root = Path(self.trainer.default_root_dir)
+        for cb in self.trainer.checkpoint_callbacks:
+            if getattr(cb, "dirpath", None) is None:
+                cb.dirpath = str(root / "checkpoints")
+        self.model.net_config = self._sub()["model"]["net"].as_dict()
+
+    def before_validate(self) -> None:
+        self.model.net_config = self._sub()["model"]["net"].as_dict()
+
+    def after_fit(self) -> None:
+        """Write run.json and the fold's OOF predictions from the best (else last) checkpoint."""
+        from stage2_classify.oof import write_fold_oof
+
+        if not self.trainer.is_global_zero or self.trainer.fast_dev_run:
+            return
+        root = Path(self.trainer.default_root_dir)
+        oof_dir = Path(self._sub().get("oof_dir") or root.parent / "oof")
+        write_fold_oof(self.trainer, self.model, self.datamodule, root, oof_dir)
+
+
+def cli_main(args: list[str] | None = None, run: bool = True) -> Stage2CLI:
+    """Entry point; ``args`` for tests (``["fit", "-c", "...", "--trainer.fast_dev_run", "1"]``)."""
+    return Stage2CLI(CropClassifier, CropDataModule, args=args, run=run,
+                     save_config_callback=WandbSaveConfigCallback,
+                     save_config_kwargs={"overwrite": False})

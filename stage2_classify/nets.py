@@ -1,0 +1,85 @@
+"""Small 3D backbones for the crop classifier (MONAI nets are used directly by ``class_path``).
+
+Every backbone maps float32 (B, C, X, Y, Z) to a feature vector (B, F) through a final
+``nn.Linear``; :class:`~stage2_classify.module.CropClassifier` reads F from that layer and adds the
+vertebra embedding and the fracture head on top. The input channel count is linked from the data
+config to ``in_channels``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+class SmallCNN3d(nn.Module):
+    """A plain 3D CNN (conv-BN-ReLU ×2 per stage, max-pool between stages), for CPU runs.
+
+    Args:
+        in_channels: input channels.
+        out_channels: feature size F of the final linear layer.
+        widths: channels per stage; each stage after the first halves every spatial size.
+        dropout: dropout before the final linear layer.
+
+    Pooling is global average ⊕ global max, so a thin crack that lights up a few voxels is not
+    averaged away.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int = 64,
+                 widths: Sequence[int] = (16, 32, 64), dropout: float = 0.1) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = in_channels
+        for i, w in enumerate(widths):
+            if i:
+                layers.append(nn.MaxPool3d(2, ceil_mode=True))
+            layers += [nn.Conv3d(c, w, 3, padding=1, bias=False), nn.BatchNorm3d(w),
+                       nn.ReLU(inplace=True), nn.Conv3d(w, w, 3, padding=1, bias=False),
+                       nn.BatchNorm3d(w), nn.ReLU(inplace=True)]
+            c = w
+        self.features = nn.Sequential(*layers)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(2 * c, out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.features(x)
+        pooled = torch.cat([f.mean(dim=(2, 3, 4)), f.amax(dim=(2, 3, 4))], dim=1)
+        return self.fc(self.dropout(pooled))
+
+
+class ResNet3d(nn.Module):
+    """MONAI's 3D ResNet with the ``in_channels``/``out_channels`` names the config links use.
+
+    Args:
+        in_channels: input channels.
+        out_channels: feature size F.
+        depth: 10, 18 or 34 (basic blocks).
+        widths: channels of the four stages.
+    """
+
+    LAYERS = {10: [1, 1, 1, 1], 18: [2, 2, 2, 2], 34: [3, 4, 6, 3]}
+
+    def __init__(self, in_channels: int, out_channels: int = 64, depth: int = 10,
+                 widths: Sequence[int] = (32, 64, 128, 256)) -> None:
+        super().__init__()
+        from monai.networks.nets import ResNet
+
+        if depth not in self.LAYERS:
+            raise ValueError(f"ResNet3d depth must be one of {sorted(self.LAYERS)}, got {depth}")
+        self.net = ResNet("basic", self.LAYERS[depth], list(widths), spatial_dims=3,
+                          n_input_channels=in_channels, conv1_t_size=3, conv1_t_stride=1,
+                          num_classes=out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def feature_dim(net: nn.Module) -> int:
+    """Output size F of a backbone: ``out_features`` of its last ``nn.Linear``."""
+    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(net).__name__} has no nn.Linear layer; stage 2 needs a backbone "
+                         f"that ends in a linear feature layer (set its out_channels/num_classes)")
+    return int(linears[-1].out_features)

@@ -1,0 +1,91 @@
+"""Out-of-fold predictions: one file per fold after ``fit``, merged for evaluation.
+
+``<oof_dir>/fold<k>.csv`` (wide): ``StudyInstanceUID, C1..C7, patient_overall, fold`` for every
+labelled study of fold k, scored by fold k's chosen checkpoint; vertebrae without a crop hold the
+training-fold prior and ``patient_overall`` is noisy-OR (the evaluation re-aggregates it by every
+rule). ``<fold_dir>/run.json`` records which checkpoint was chosen.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from common.atomic import write_csv, write_json
+from common.labels import OVERALL, TARGETS, VERTEBRAE
+from common.metric import competition_loss
+from stage2_classify.aggregate import aggregate, clip_probs, crops_to_study
+
+UID = "StudyInstanceUID"
+
+
+def chosen_checkpoint(trainer: Any) -> tuple[Path, float | None]:
+    """The best checkpoint by the monitored metric, else the last one; with its score."""
+    for cb in trainer.checkpoint_callbacks:
+        best = getattr(cb, "best_model_path", "")
+        if best and Path(best).exists():
+            score = cb.best_model_score
+            return Path(best), float(score) if score is not None else None
+    for cb in trainer.checkpoint_callbacks:
+        last = getattr(cb, "last_model_path", "")
+        if last and Path(last).exists():
+            return Path(last), None
+    raise FileNotFoundError("fit wrote no checkpoint: keep a ModelCheckpoint callback in the config")
+
+
+def write_fold_oof(trainer: Any, model: Any, datamodule: Any, fold_dir: Path, oof_dir: Path
+                   ) -> pd.DataFrame:
+    """Score fold k's validation crops with the chosen checkpoint; write ``fold<k>.csv`` and run.json.
+
+    Returns:
+        the wide OOF frame of this fold.
+    """
+    from stage2_classify.inference import load_model, score_rows
+
+    start = time.perf_counter()
+    ckpt, score = chosen_checkpoint(trainer)
+    best = load_model(ckpt, map_location="cpu")
+    fold = int(datamodule.hparams.fold)
+    crops = score_rows([best], datamodule.val_ds.rows, datamodule.hparams.batch_size)
+    wide = aggregate(crops_to_study(crops.dropna(subset=["prob"]), datamodule.val_uids,
+                                    datamodule.prior), "noisy_or", clip=(0.0, 1.0))
+    wide["fold"] = fold
+    write_csv(Path(oof_dir) / f"fold{fold}.csv", wide.reset_index())
+    loss = competition_loss(datamodule.val_labels, clip_probs(wide[list(TARGETS)]))
+    write_json(Path(fold_dir) / "run.json", {
+        "fold": fold, "checkpoint": str(ckpt.resolve()), "monitor_score": score,
+        "oof_comp_loss_noisy_or": loss, "epochs": int(trainer.current_epoch),
+        "val_studies": len(wide), "val_crops": len(crops), "prior": datamodule.prior,
+        "oof_seconds": time.perf_counter() - start})
+    print(f"fold {fold}: OOF comp_loss {loss:.4f} (noisy-OR) from {ckpt.name} -> "
+          f"{Path(oof_dir) / f'fold{fold}.csv'}")
+    return wide
+
+
+def merge_oof(oof_dir: str | Path) -> pd.DataFrame:
+    """Concatenate ``fold*.csv`` into one wide frame indexed by StudyInstanceUID (+ ``fold``).
+
+    Raises:
+        FileNotFoundError: no fold files. ValueError: a study in two folds.
+    """
+    files = sorted(Path(oof_dir).glob("fold*.csv"))
+    if not files:
+        raise FileNotFoundError(f"no OOF files {Path(oof_dir)}/fold<k>.csv: run `make stage2-fit`")
+    frame = pd.concat([pd.read_csv(f, dtype={UID: str}) for f in files], ignore_index=True)
+    dup = frame[UID][frame[UID].duplicated()].tolist()
+    if dup:
+        raise ValueError(f"{oof_dir}: studies in more than one fold file {dup[:5]}")
+    missing = [c for c in (*VERTEBRAE, OVERALL, "fold") if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{oof_dir}: OOF files lack columns {missing}")
+    return frame.set_index(UID)
+
+
+def fold_runs(stage2_dir: str | Path) -> list[Path]:
+    """Fold run folders holding a run.json, sorted by fold."""
+    runs = [p.parent for p in Path(stage2_dir).glob("fold*/run.json")]
+    return sorted(runs, key=lambda p: json.loads((p / "run.json").read_text())["fold"])
