@@ -22,7 +22,8 @@ from typing import Any, Iterable
 import pandas as pd
 from tqdm.auto import tqdm
 
-from common.atomic import write_csv, write_json
+from common.atomic import write_csv as _write_csv
+from common.atomic import write_json
 from common.labels import OVERALL, TARGETS, VERTEBRAE
 from common.synth.plan import StudyImage, StudyPlan, fracture_boxes, plan_studies, render_study
 from common.synth.presets import SynthConfig, config_from_dict, make_config
@@ -31,6 +32,9 @@ from common.synth.writer import write_mask, write_series
 STATE = "_synth_state.json"
 TRUTH = "_synth_truth"
 STATE_VERSION = 1
+#: Bump whenever the phantom, the writer or the plan changes what a config produces, so that a
+#: dataset written by older code is not silently "resumed" with newer studies.
+GENERATOR_VERSION = 1
 #: Everything ``generate`` may create (and ``overwrite`` may delete) directly under out_dir.
 OWNED = ("train.csv", "test.csv", "sample_submission.csv", "train_bounding_boxes.csv",
          "train_images", "test_images", "segmentations", TRUTH, STATE)
@@ -85,20 +89,23 @@ def generate(out_dir: str | Path, preset: str = "tiny", seed: int = 0, overwrite
 
 
 def _open_state(out: Path, cfg: SynthConfig, overwrite: bool) -> dict[str, Any]:
-    fresh = {"version": STATE_VERSION, "config": cfg.identity(), "finished": False,
-             "complete": {}}
+    fresh = {"version": STATE_VERSION, "generator": GENERATOR_VERSION,
+             "config": cfg.identity(), "finished": False, "complete": {}}
     path = out / STATE
     if path.exists():
         state = json.loads(path.read_text())
-        if state.get("version") == STATE_VERSION and state.get("config") == cfg.identity():
-            return state
         old = state.get("config", {})
         diff = sorted(k for k in set(old) | set(fresh["config"])
                       if old.get(k) != fresh["config"].get(k))
+        for key in ("version", "generator"):
+            if state.get(key) != fresh[key]:
+                diff.append(f"{key} {state.get(key)} -> {fresh[key]}")
+        if not diff:
+            return state
         if not overwrite:
             raise SynthStateError(
                 f"{out} holds a synthetic dataset made with a different config (differs in "
-                f"{diff or ['state version']}). Use another folder, the same options, or "
+                f"{diff}). Use another folder, the same options, or "
                 f"--overwrite to replace it.")
         for name in OWNED:
             p = out / name
@@ -196,6 +203,12 @@ def _write_tables(out: Path, plans: list[StudyPlan], records: dict[str, dict[str
             "mask": p.mask_dtype if p.mask else "", "boxes": len(r["boxes"]),
             "fractures": ";".join(f"{v}:{k}" for v, k in p.fractures.items())})
     write_csv(out / TRUTH / "studies.csv", pd.DataFrame(summary))
+
+
+def write_csv(path: Path, frame: pd.DataFrame) -> None:
+    """Atomic CSV write, readable by everyone like the rest of a dataset (mode 0644)."""
+    _write_csv(path, frame)
+    path.chmod(0o644)
 
 
 def load_config(out_dir: str | Path) -> SynthConfig:

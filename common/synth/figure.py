@@ -84,12 +84,18 @@ def make_figure(data_dir: str | Path, out_png: str | Path, uid: str | None = Non
               "sagittal (superior up, anterior left)"),
              (axes[1], ax_hu[:, :, k_ax], ax_mask[:, :, k_ax],
               geometry.spacing_of(ax_aff)[0] / geometry.spacing_of(ax_aff)[1],
-              f"axial, file {slice_number} (anterior up, patient right on the left)")]
-    for ax, img, lab, aspect, title in views:
+              f"axial, file {int(vol.file_numbers[k])} (anterior up, patient right on the "
+              f"left)")]
+    for n, (ax, img, lab, aspect, title) in enumerate(views):
         ax.imshow(img, cmap="gray", vmin=-250, vmax=1250, aspect=aspect, interpolation="nearest")
-        shown = np.ma.masked_where((lab < 1) | (lab > 7), lab.astype(float) - 1)
-        ax.imshow(shown, cmap=cmap, vmin=-0.5, vmax=6.5, alpha=0.35, aspect=aspect,
-                  interpolation="nearest")
+        if n == 0:  # sagittal: filled labels
+            shown = np.ma.masked_where((lab < 1) | (lab > 7), lab.astype(float) - 1)
+            ax.imshow(shown, cmap=cmap, vmin=-0.5, vmax=6.5, alpha=0.35, aspect=aspect,
+                      interpolation="nearest")
+        else:  # axial: outlines, so the crack inside the bone stays visible
+            for c in range(1, 8):
+                if (lab == c).any():
+                    ax.contour(lab == c, levels=[0.5], colors=[COLOURS[c - 1]], linewidths=1.0)
         ax.set_title(title, fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
@@ -103,11 +109,13 @@ def make_figure(data_dir: str | Path, out_png: str | Path, uid: str | None = Non
         axes[1].text(c0, r0 - 1.5, "fracture box", color="yellow", fontsize=8)
     handles = [mpatches.Patch(color=c, label=v) for c, v in zip(COLOURS, VERTEBRAE)]
     fig.legend(handles=handles, loc="lower center", ncol=7, frameon=False)
-    fig.suptitle(f"synthetic study {uid}: aligned mask (C1–C7) and a crack", fontsize=11)
+    what = "and a fracture" if box is not None else ""
+    fig.suptitle(f"synthetic study {uid}: aligned mask (C1–C7) {what}", fontsize=11)
     fig.tight_layout(rect=(0, 0.06, 1, 0.96))
     out_png = Path(out_png)
     with atomic_path(out_png, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=110)
+        tmp.chmod(0o644)
     plt.close(fig)
     return uid
 

@@ -17,6 +17,7 @@ from common import geometry
 from common.synth.shapes import (VertebraShape, atlas_height_above_centre, ell_cyl,
                                  make_shape, sd_gradient, vertebra_sd)
 
+CHUNK_VOXELS = 1_000_000  # voxels per slab when painting a vertebra
 COLUMN = ("C1", "C2", "C3", "C4", "C5", "C6", "C7", "T1", "T2", "T3", "T4")
 
 
@@ -302,6 +303,20 @@ def paint_vertebra(hu: np.ndarray, labels: np.ndarray, affine: np.ndarray, v: Pl
     sl = _box_of(affine, hu.shape, lo - pad, hi + pad)
     if sl is None:
         return None
+    # work in slabs of slices so a 512² × 0.6 mm study stays within a few hundred MB
+    per_slice = (sl[0].stop - sl[0].start) * (sl[1].stop - sl[1].start)
+    step = max(1, CHUNK_VOXELS // per_slice)
+    found = [np.zeros((0, 3), dtype=np.int64)]
+    for z0 in range(sl[2].start, sl[2].stop, step):
+        sub = (sl[0], sl[1], slice(z0, min(z0 + step, sl[2].stop)))
+        found.append(_paint_slab(hu, labels, affine, sub, v, anat, vox, cortex_mm, fracture))
+    return np.concatenate(found)
+
+
+def _paint_slab(hu: np.ndarray, labels: np.ndarray, affine: np.ndarray, sl: tuple[slice, ...],
+                v: PlacedVertebra, anat: Anatomy, vox: float, cortex_mm: float,
+                fracture: Fracture | None) -> np.ndarray:
+    """:func:`paint_vertebra` on the voxel box ``sl``; returns the fractured voxels (N, 3)."""
     u = v.local(_grid_points(affine, sl))
     sd = vertebra_sd(v.shape, u)
     broken = None

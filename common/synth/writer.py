@@ -161,3 +161,4 @@ def write_mask(path: Path, labels: np.ndarray, affine: np.ndarray, dtype: str) -
     img.header.set_xyzt_units("mm")
     with atomic_path(path, suffix=".nii") as tmp:
         nib.save(img, tmp)
+        os.chmod(tmp, 0o644)
