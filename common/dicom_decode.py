@@ -59,8 +59,17 @@ class DecodeError(RuntimeError):
 
 
 def default_workers() -> int:
-    """min(2, CPU count): decoding is CPU-bound and two processes already halve the time."""
+    """min(2, CPU count), or 1 inside a daemonic process (e.g. a DataLoader or Pool worker),
+    which may not start children."""
+    if multiprocessing.current_process().daemon:
+        return 1
     return max(1, min(2, os.cpu_count() or 1))
+
+
+def _effective(workers: int | None) -> int:
+    if workers is None or multiprocessing.current_process().daemon:
+        return default_workers()
+    return max(1, int(workers))
 
 
 def to_hu(stored: np.ndarray, item: DecodeItem, ds: Any = None,
@@ -243,7 +252,7 @@ def parallel_map(fn: Callable, chunks: list, workers: int | None = None) -> list
 
     Falls back to this process when ``workers`` is 1 or the pool breaks.
     """
-    workers = default_workers() if workers is None else max(1, int(workers))
+    workers = _effective(workers)
     if workers > 1 and len(chunks) > 1:
         try:
             return list(get_pool(workers).map(fn, chunks))
@@ -269,7 +278,7 @@ def decode_stack(items: Sequence[DecodeItem], workers: int | None = None
         DecodeError: the first file that failed, with its reason code.
     """
     t0 = time.perf_counter()
-    workers = default_workers() if workers is None else max(1, int(workers))
+    workers = _effective(workers)
     n = len(items)
     shape = (n, items[0].rows, items[0].cols)
     total: dict = {}

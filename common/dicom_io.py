@@ -147,14 +147,14 @@ def load_series(study_dir: str | os.PathLike, lenient: bool = False,
     else:
         affine = geometry.affine_from_dicom(plan.iop, plan.pixel_spacing, plan.positions[0],
                                             plan.step_mm)
-    n_vox = int(np.prod(stack_shape := hu.shape))
-    qc.update(shape=list(stack_shape), spacing=[round(float(s), 6) for s in
-                                                geometry.spacing_of(affine)],
-              axcodes=geometry.axcodes(affine), hu_min=int(hu.min()), hu_max=int(hu.max()),
-              padding_fraction=round(stats["n_padding"] / max(1, len(plan.slices) *
-                                                              plan.slices[0].rows *
-                                                              plan.slices[0].cols), 6),
-              n_voxels=n_vox)
+    n_pixels = len(plan.slices) * plan.slices[0].rows * plan.slices[0].cols
+    hu_min, hu_max = stats["hu_min"], stats["hu_max"]
+    if plan.resample:  # interpolation stays within the data range; padding adds -1024
+        hu_min = int(hu.min())
+    qc.update(shape=list(hu.shape),
+              spacing=[round(float(s), 6) for s in geometry.spacing_of(affine)],
+              axcodes=geometry.axcodes(affine), hu_min=hu_min, hu_max=hu_max,
+              padding_fraction=round(stats["n_padding"] / max(1, n_pixels), 6))
     if stats["hu_min"] > HU_AIR_MAX:
         qc["warnings"].append(f"minimum {stats['hu_min']} HU: no air in the volume "
                               "(check the rescale)")

@@ -273,3 +273,16 @@ def test_resample_stack_uneven_steps_and_gap():
     np.testing.assert_allclose(geometry.spacing_of(affine), [1, 1, 1])
     assert out[0, 0, :].tolist() == [0, 100, 200, 300, -1024, -1024, -1024]
     assert source.tolist() == [0, 1, 2, -1, -1, -1, -1]
+
+
+def _load_in_daemon(path: str) -> int:
+    return load_series(path, workers=2).qc["workers"]
+
+
+def test_daemonic_caller_decodes_in_process(tmp_path):
+    """Inside a DataLoader/Pool worker (daemonic) the loader must not start child processes."""
+    import multiprocessing
+
+    write_series(tmp_path / UID, ramp_stack(40, 4, 4), axial_positions(40))
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.map(_load_in_daemon, [str(tmp_path / UID)]) == [1]
