@@ -1,0 +1,12 @@
+"""Stage 1: segment C1–C7 with a MONAI 3D network, then cut one crop per vertebra.
+
+Pipeline (each step reads and writes files under ``$WORK/stage1/``):
+
+1. :mod:`stage1_segment.prepare` — DICOM → HU (and mask) on the model grid, cached per study.
+2. ``python -m stage1_segment fit`` — LightningCLI training (:mod:`.module`, :mod:`.data`).
+3. :mod:`stage1_segment.predict` — masks and per-vertebra boxes for every study.
+4. :mod:`stage1_segment.crops` — full-resolution crops plus the manifest ``vertebrae.csv``.
+
+Axis order and world frame are those of :mod:`common.geometry`: arrays (X, Y, Z), tensors
+(C, X, Y, Z), affines voxel → RAS mm.
+"""

@@ -1,0 +1,149 @@
+"""LightningCLI entry of stage 1: ``python -m stage1_segment fit|validate|predict -c CONFIG``.
+
+Conventions (STYLE.md §2):
+
+* subcommand first, then ``-c configs/stage1/<profile>.yaml`` (repeatable, later wins) and
+  ``--section.key value`` overrides; the data and work roots come as flags
+  (``--data.data_root $(DATA) --data.work_dir $(WORK)``);
+* values that must agree are linked, not typed twice: the grid, HU window, patch size and
+  thoracic mode go from ``data`` to ``model`` (so they land in the checkpoint), the class count
+  from ``data.thoracic`` to ``model.num_classes`` and the network's ``out_channels``, and the
+  checkpoint folder from ``data.work_dir`` (``$WORK/stage1/checkpoints``);
+* a ``checkpoint`` group configures ``ModelCheckpoint`` (best by ``val/dice_mean`` plus
+  ``last.ckpt``; resume with ``--ckpt_path last``); a ``crops`` group holds the settings of
+  ``make crops`` so one YAML describes the whole stage;
+* W&B: the YAML's ``WandbLogger`` is offline; if ``WANDB_MODE`` is set in the environment it
+  decides instead (``disabled`` in tests, ``online`` to upload). Its files go to
+  ``$WORK/stage1`` unless ``save_dir`` is given. The resolved config is written beside the
+  logs (never overwriting an earlier one) and sent to the logger, on rank 0 only.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+
+from common.labels import num_classes
+from stage1_segment.crops import CropConfig
+from stage1_segment.data import Stage1DataModule
+from stage1_segment.module import Stage1Module
+from stage1_segment.predict import Stage1PredictionWriter, resolve_checkpoint
+
+#: data → model links: settings the checkpoint must carry for inference.
+LINKED_TO_MODEL = ("hu_window", "grid_shape", "grid_spacing_mm", "patch_size", "thoracic")
+
+
+def checkpoint_dir(work_dir: str) -> str:
+    """``$WORK/stage1/checkpoints``: fixed, so ``--ckpt_path last`` finds the previous run."""
+    return str(Path(work_dir) / "stage1" / "checkpoints")
+
+
+def predict_dir(work_dir: str) -> str:
+    """``$WORK/stage1/predict``."""
+    return str(Path(work_dir) / "stage1" / "predict")
+
+
+class LoggedSaveConfigCallback(SaveConfigCallback):
+    """Write the resolved config to ``<log dir>/configs/<stage>-<run id>.yaml`` (a new file per
+    run, so resuming never overwrites the first run's config) and log it to the logger."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:  # noqa: D102
+        if not self.already_saved:
+            logger = trainer.logger
+            run = getattr(logger, "version", None) if trainer.is_global_zero and logger else None
+            stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+            name = getattr(stage, "value", stage)
+            self.config_filename = os.path.join("configs", f"{name}-{run or stamp}.yaml")
+            if trainer.is_global_zero and trainer.log_dir:
+                Path(trainer.log_dir, "configs").mkdir(parents=True, exist_ok=True)
+        super().setup(trainer, pl_module, stage)
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:  # noqa: D102 (rank 0 only)
+        import yaml
+
+        if trainer.logger is not None:
+            resolved = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+            trainer.logger.log_hyperparams({"config": resolved})
+
+
+class Stage1CLI(LightningCLI):
+    """LightningCLI with the stage-1 links, checkpoint and crop groups (module docstring)."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:  # noqa: D102
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({
+            "checkpoint.monitor": "val/dice_mean", "checkpoint.mode": "max",
+            "checkpoint.save_last": True, "checkpoint.save_top_k": 1,
+            "checkpoint.auto_insert_metric_name": False,
+            "checkpoint.filename": "epoch{epoch:03d}-dice{val/dice_mean:.4f}",
+        })
+        parser.link_arguments("data.work_dir", "checkpoint.dirpath", compute_fn=checkpoint_dir)
+        parser.link_arguments("data.thoracic", "model.num_classes", compute_fn=num_classes)
+        parser.link_arguments("data.thoracic", "model.net.init_args.out_channels",
+                              compute_fn=num_classes)
+        for key in LINKED_TO_MODEL:
+            parser.link_arguments(f"data.{key}", f"model.{key}")
+        parser.add_lightning_class_args(Stage1PredictionWriter, "writer")
+        parser.link_arguments("data.work_dir", "writer.output_dir", compute_fn=predict_dir)
+        parser.add_class_arguments(CropConfig, "crops")
+
+    def before_predict(self) -> None:
+        """Resolve ``--ckpt_path best|last`` from ``$WORK/stage1/checkpoints``."""
+        config = self.config_init[self.subcommand]
+        spec = config.get("ckpt_path")
+        if spec in ("best", "last"):
+            config["ckpt_path"] = str(resolve_checkpoint(
+                spec, checkpoint_dir(self.config[self.subcommand].data.work_dir)))
+
+    def after_fit(self) -> None:
+        """Validate the best checkpoint and record the run in ``$WORK/stage1/run.json``."""
+        trainer = self.trainer
+        ckpt = trainer.checkpoint_callback
+        if trainer.fast_dev_run or ckpt is None or not ckpt.best_model_path:
+            return
+        metrics = trainer.validate(self.model, datamodule=self.datamodule,
+                                   ckpt_path=ckpt.best_model_path, verbose=False)
+        if trainer.is_global_zero:
+            from common.atomic import write_json
+
+            config = self.config[self.subcommand]
+            write_json(Path(config.data.work_dir) / "stage1" / "run.json", {
+                "best_checkpoint": ckpt.best_model_path, "last_checkpoint": ckpt.last_model_path,
+                "best_score": float(ckpt.best_model_score) if ckpt.best_model_score is not None
+                else None, "monitor": ckpt.monitor, "epochs": trainer.current_epoch,
+                "best_val": {k: round(float(v), 4) for k, v in (metrics[0] if metrics else {}).items()},
+                "config": yaml_safe(self.parser.dump(self.config, skip_none=False))})
+
+    def before_instantiate_classes(self) -> None:  # noqa: D102
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        logger = config.trainer.get("logger")
+        for entry in logger if isinstance(logger, list) else [logger]:
+            if not hasattr(entry, "class_path") or "WandbLogger" not in entry.class_path:
+                continue
+            args = entry.init_args
+            if not args.get("save_dir") or args.get("save_dir") == ".":
+                args.save_dir = str(Path(config.data.work_dir) / "stage1")
+            Path(args.save_dir).mkdir(parents=True, exist_ok=True)
+            if os.environ.get("WANDB_MODE"):
+                args.offline = False  # let the environment decide (disabled / offline / online)
+
+
+def yaml_safe(text: str) -> dict:
+    """A dumped config as plain data (for JSON records)."""
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def main(args: Sequence[str] | None = None, run: bool = True) -> Stage1CLI:
+    """Run the stage-1 LightningCLI (``args`` as on the command line; None = sys.argv)."""
+    return Stage1CLI(Stage1Module, Stage1DataModule, args=args, run=run,
+                     save_config_callback=LoggedSaveConfigCallback,
+                     parser_kwargs={"description": "Stage 1: C1–C7 segmentation (MONAI 3D "
+                                    "network, LightningCLI). Use `fit -c configs/stage1/"
+                                    "cpu.yaml --data.data_root DATA --data.work_dir WORK`."})

@@ -1,0 +1,324 @@
+"""Prepare the stage-1 cache: each study's HU volume (and mask) resampled onto the model grid.
+
+One ``.npz`` per study under ``$WORK/stage1/cache/<settings key>/<StudyInstanceUID>.npz``:
+
+* ``image``: int16 (X, Y, Z) HU on the model grid (linear interpolation, outside = -1024);
+* ``label``: uint8 (X, Y, Z) classes 0..7 (8 with thoracic="merge") on the same grid (nearest),
+  only for studies with a segmentation;
+* ``affine``: float64 (4, 4) model-grid voxel → RAS mm;
+* ``src_affine``, ``src_shape``, ``file_numbers``: the DICOM volume's geometry, so that boxes
+  can be mapped back to original (column, row, sorted slice) indices and file numbers.
+
+The settings key is a hash of the grid settings, so a changed grid never reuses a stale cache.
+The HU window is *not* part of the key: it is applied when the cache is read (a model
+hyperparameter). Files are written atomically and skipped when present, so an interrupted run
+resumes where it stopped; a failing study becomes a row of ``$WORK/stage1/qc_prepare.csv`` and
+the batch continues.
+
+CLI: ``python -m stage1_segment.prepare -c configs/stage1/cpu.yaml --data-root DATA
+--work-dir WORK --jobs 2`` (grid settings come from the ``data:`` section of the config).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from common import geometry
+from common.atomic import save_npz, write_csv, write_json
+from common.geometry import AIR_HU, Volume
+
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class GridSettings:
+    """How a study is put onto the model grid (the cache key).
+
+    Attributes:
+        shape: fixed grid (X, Y, Z) voxels over the study's whole field of view (e.g. 128³); or
+        spacing_mm: fixed voxel size (X, Y, Z) in mm (the grid shape then varies per study).
+            Exactly one of the two is set.
+        thoracic: T1–T12 → ``"background"`` or ``"merge"`` (class 8) in the cached labels.
+    """
+
+    shape: tuple[int, int, int] | None = None
+    spacing_mm: tuple[float, float, float] | None = None
+    thoracic: str = "background"
+
+    def __post_init__(self) -> None:
+        if (self.shape is None) == (self.spacing_mm is None):
+            raise ValueError("set exactly one of grid_shape and grid_spacing_mm")
+        if self.shape is not None:
+            object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+            if len(self.shape) != 3 or min(self.shape) < 8:
+                raise ValueError(f"grid_shape must be 3 sizes >= 8, got {self.shape}")
+        if self.spacing_mm is not None:
+            object.__setattr__(self, "spacing_mm", tuple(float(s) for s in self.spacing_mm))
+            if len(self.spacing_mm) != 3 or min(self.spacing_mm) <= 0:
+                raise ValueError(f"grid_spacing_mm must be 3 positive sizes, got {self.spacing_mm}")
+        if self.thoracic not in ("background", "merge"):
+            raise ValueError(f"thoracic must be 'background' or 'merge', got {self.thoracic!r}")
+
+    def key(self) -> str:
+        """Short stable hash of the settings (and the cache format version)."""
+        blob = json.dumps({**asdict(self), "version": CACHE_VERSION}, sort_keys=True)
+        return hashlib.sha1(blob.encode()).hexdigest()[:10]
+
+    def grid_for(self, affine: np.ndarray, shape: Sequence[int]
+                 ) -> tuple[np.ndarray, tuple[int, int, int]]:
+        """Model-grid (affine, shape) covering the field of view of a volume (affine, shape)."""
+        if self.shape is not None:
+            return geometry.grid_for_shape(affine, shape, self.shape), self.shape
+        return geometry.grid_for_spacing(affine, shape, self.spacing_mm)
+
+
+@dataclass
+class CachedStudy:
+    """One cached study (see the module docstring for the arrays)."""
+
+    uid: str
+    split: str
+    image: np.ndarray
+    label: np.ndarray | None
+    affine: np.ndarray
+    src_affine: np.ndarray
+    src_shape: tuple[int, int, int]
+    file_numbers: np.ndarray
+
+
+def cache_dir(work_dir: str | os.PathLike, settings: GridSettings) -> Path:
+    """``$WORK/stage1/cache/<settings key>``."""
+    return Path(work_dir) / "stage1" / "cache" / settings.key()
+
+
+def cache_path(work_dir: str | os.PathLike, settings: GridSettings, uid: str) -> Path:
+    """The cache file of one study."""
+    return cache_dir(work_dir, settings) / f"{uid}.npz"
+
+
+def resample_volume(volume: Volume, settings: GridSettings) -> tuple[np.ndarray, np.ndarray]:
+    """HU volume onto the model grid.
+
+    Returns:
+        (int16 (X', Y', Z') HU, linear interpolation, outside the FOV = -1024; grid affine).
+    """
+    affine, shape = settings.grid_for(volume.affine, volume.shape)
+    hu = geometry.resample_to_grid(volume.hu.astype(np.float32), volume.affine, affine, shape,
+                                   order=1, cval=float(AIR_HU), dtype=np.float32)
+    return np.rint(hu).astype(np.int16), affine
+
+
+def load_cached(path: str | os.PathLike) -> CachedStudy:
+    """Read one cache file written by :func:`prepare_study`."""
+    with np.load(path, allow_pickle=False) as z:
+        label = z["label"] if bool(z["has_label"]) else None
+        return CachedStudy(uid=str(z["uid"]), split=str(z["split"]), image=z["image"],
+                           label=label, affine=z["affine"], src_affine=z["src_affine"],
+                           src_shape=tuple(int(s) for s in z["src_shape"]),
+                           file_numbers=z["file_numbers"])
+
+
+def save_cached(path: str | os.PathLike, volume: Volume, split: str, image: np.ndarray,
+                affine: np.ndarray, label: np.ndarray | None) -> None:
+    """Write a study's cache file atomically (arrays as in the module docstring)."""
+    save_npz(path, uid=np.array(volume.study_uid), split=np.array(split), image=image,
+             label=label if label is not None else np.zeros((0, 0, 0), np.uint8),
+             has_label=np.array(label is not None), affine=affine,
+             src_affine=volume.affine, src_shape=np.array(volume.shape, dtype=np.int64),
+             file_numbers=volume.file_numbers.astype(np.int64))
+
+
+def prepare_study(uid: str, study_dir: str, mask_path: str | None, split: str, out: str,
+                  settings: GridSettings, lenient: bool = False) -> dict[str, Any]:
+    """Load one study, resample it (and its mask) to the model grid, write the cache file.
+
+    Never raises: a failure is returned as a QC row with ``status="failed"``, the reason code
+    (``SeriesError.reason`` / ``GeometryError.reason`` where available) and the message.
+    """
+    from common.dicom_io import load_series
+    from common.nifti_io import align_mask
+
+    t0 = time.perf_counter()
+    row: dict[str, Any] = {"study_uid": uid, "split": split, "status": "prepared", "reason": "",
+                           "message": "", "has_mask": mask_path is not None}
+    try:
+        volume = load_series(study_dir, lenient=lenient, workers=1)
+        row.update(src_shape="x".join(map(str, volume.shape)),
+                   spacing_mm="x".join(f"{s:.3f}" for s in volume.spacing),
+                   load_status=volume.qc.get("status", ""))
+        image, affine = resample_volume(volume, settings)
+        label = None
+        if mask_path is not None:
+            classes, mqc = align_mask(volume, mask_path, thoracic=settings.thoracic,
+                                      lenient=lenient)
+            row.update(mask_status=mqc.get("status", ""), mask_flags=";".join(mqc["flags"]))
+            label = geometry.resample_to_grid(classes, volume.affine, affine, image.shape,
+                                              order=0, cval=0, dtype=np.uint8)
+        save_cached(out, volume, split, image, affine, label)
+        row["grid_shape"] = "x".join(map(str, image.shape))
+    except Exception as exc:  # one bad study never stops the batch
+        row.update(status="failed", reason=getattr(exc, "reason", type(exc).__name__),
+                   message=str(exc).splitlines()[0] if str(exc) else repr(exc))
+        if not isinstance(exc, ValueError):
+            row["message"] += " | " + traceback.format_exc(limit=3).replace("\n", " ")[-400:]
+    row["seconds"] = round(time.perf_counter() - t0, 3)
+    return row
+
+
+def list_studies(data_root: str | os.PathLike, splits: Iterable[str] = ("train", "test"),
+                 masked_only: bool = False) -> list[tuple[str, str, str, str | None]]:
+    """(uid, split, study_dir, mask_path or None) for the studies of the given splits."""
+    from common.dataset import RSNADataset
+
+    ds = RSNADataset(data_root)
+    out = []
+    for split in splits:
+        uids = ds.train_uids() if split == "train" else ds.test_uids()
+        for uid in uids:
+            mask = ds.mask_path(uid) if split == "train" else None
+            if masked_only and mask is None:
+                continue
+            out.append((uid, split, str(ds.study_dir(uid)), str(mask) if mask else None))
+    return out
+
+
+def prepare_studies(data_root: str | os.PathLike, work_dir: str | os.PathLike,
+                    settings: GridSettings, splits: Iterable[str] = ("train", "test"),
+                    masked_only: bool = False, jobs: int = 2, lenient: bool = False,
+                    progress: bool = True) -> pd.DataFrame:
+    """Prepare the cache for every study of ``splits``; skip studies already cached.
+
+    Args:
+        data_root: RSNA-layout folder.
+        work_dir: ``$WORK``; files go to ``$WORK/stage1/cache/<key>/``.
+        settings: the grid settings (the cache key).
+        splits: ``"train"`` and/or ``"test"``.
+        masked_only: only train studies with a segmentation (what ``fit`` needs).
+        jobs: worker processes (1 = in this process).
+        lenient: repair loadable defects instead of rejecting (recorded in the QC record).
+        progress: show a tqdm bar.
+
+    Returns:
+        The QC table (one row per study: status prepared / cached / failed; a cached study
+        keeps the details of the run that prepared it), also written to
+        ``$WORK/stage1/qc_prepare.csv``.
+    """
+    studies = list_studies(data_root, splits, masked_only)
+    folder = cache_dir(work_dir, settings)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / "settings.json", {**asdict(settings), "version": CACHE_VERSION})
+    qc_path = Path(work_dir) / "stage1" / "qc_prepare.csv"
+    previous = _previous_rows(qc_path)
+    rows, todo = [], []
+    for uid, split, sdir, mask in studies:
+        out = folder / f"{uid}.npz"
+        if out.is_file():  # atomic writes: existing means complete; temp files are ignored
+            rows.append({**previous.get(uid, {"study_uid": uid, "split": split,
+                                              "has_mask": mask is not None}),
+                         "status": "cached", "seconds": 0.0})
+        else:
+            todo.append((uid, sdir, mask, split, str(out), settings, lenient))
+    bar = tqdm(total=len(todo), desc="stage1 prepare", unit="study", disable=not progress)
+    if jobs <= 1 or len(todo) <= 1:
+        for args in todo:
+            rows.append(prepare_study(*args))
+            bar.update()
+    else:
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            futures = [pool.submit(prepare_study, *args) for args in todo]
+            for fut in as_completed(futures):
+                rows.append(fut.result())
+                bar.update()
+    bar.close()
+    qc = pd.DataFrame(rows)
+    write_csv(qc_path, qc)
+    failed = qc[qc["status"] == "failed"]
+    if len(failed):
+        tqdm.write(f"stage1 prepare: {len(failed)} of {len(qc)} studies failed, see "
+                   f"{Path(work_dir) / 'stage1' / 'qc_prepare.csv'}; first: "
+                   f"{failed.iloc[0]['study_uid']}: {failed.iloc[0]['message']}")
+    return qc
+
+
+def _previous_rows(qc_path: Path) -> dict[str, dict[str, Any]]:
+    """QC rows of an earlier run by study (so a warm run keeps the details of the cold one)."""
+    if not qc_path.is_file():
+        return {}
+    frame = pd.read_csv(qc_path, dtype={"study_uid": str}, keep_default_na=False)
+    return {r["study_uid"]: r for r in frame.to_dict("records")}
+
+
+def settings_from_config(data_cfg: dict[str, Any]) -> GridSettings:
+    """GridSettings from a config's ``data`` section (keys grid_shape, grid_spacing_mm, thoracic)."""
+    return GridSettings(shape=data_cfg.get("grid_shape"),
+                        spacing_mm=data_cfg.get("grid_spacing_mm"),
+                        thoracic=data_cfg.get("thoracic", "background"))
+
+
+def read_config_sections(paths: Sequence[str | os.PathLike]) -> dict[str, Any]:
+    """Merge stage-1 YAML files (later files win, key by key within each section)."""
+    import yaml
+
+    merged: dict[str, Any] = {}
+    for path in paths:
+        text = Path(path).read_text(encoding="utf-8")
+        for section, value in (yaml.safe_load(text) or {}).items():
+            if isinstance(value, dict) and isinstance(merged.get(section), dict):
+                merged[section] = {**merged[section], **value}
+            else:
+                merged[section] = value
+    return merged
+
+
+def tool_parser(prog: str, description: str, section: str) -> argparse.ArgumentParser:
+    """The options shared by the stage-1 batch tools (config files, data and work roots, jobs)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("-c", "--config", action="append", required=True,
+                        help=f"stage-1 YAML (repeatable, later wins; its {section}: section "
+                             f"gives the settings)")
+    parser.add_argument("--data-root", required=True, help="RSNA-layout dataset folder")
+    parser.add_argument("--work-dir", required=True, help="output root WORK")
+    parser.add_argument("--jobs", type=int, default=2, help="worker processes")
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = tool_parser(
+        "python -m stage1_segment.prepare",
+        "Resample every study (and its mask) onto the stage-1 model grid and cache it under "
+        "WORK/stage1/cache/<settings key>/; cached studies are skipped.", "data")
+    parser.add_argument("--splits", nargs="+", default=["train", "test"],
+                        choices=["train", "test"])
+    parser.add_argument("--lenient", action="store_true",
+                        help="repair loadable defects (gaps, tilt, duplicates) instead of failing")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    data_cfg = read_config_sections(args.config).get("data", {})
+    settings = settings_from_config(data_cfg)
+    t0 = time.perf_counter()
+    qc = prepare_studies(args.data_root, args.work_dir, settings, splits=args.splits,
+                         jobs=args.jobs, lenient=args.lenient or bool(data_cfg.get("lenient")))
+    counts = qc["status"].value_counts().to_dict()
+    print(f"stage1 prepare: {counts} in {time.perf_counter() - t0:.1f} s -> "
+          f"{cache_dir(args.work_dir, settings)}")
+    return 0 if counts.get("failed", 0) < len(qc) or not len(qc) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

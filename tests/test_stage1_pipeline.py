@@ -1,0 +1,136 @@
+"""Stage 1 through its real entry points on the synthetic ``tiny`` preset.
+
+Shipped configs parse and run (``fast_dev_run``); prepare resumes; prepare → fit → predict →
+crops writes a manifest that :func:`common.manifest.read_manifest` accepts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stage1_segment.cli import main as cli_main
+from stage1_segment.prepare import GridSettings, cache_path, load_cached, prepare_studies
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs" / "stage1").glob("*.yaml"))
+SMOKE = REPO / "configs" / "smoke" / "stage1.yaml"
+SMALL = ["--data.grid_shape=[32,32,32]", "--data.prepare_jobs=1", "--data.num_workers=0"]
+
+
+@pytest.fixture(autouse=True)
+def _quiet_wandb(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _paths(data: Path, work: Path) -> list[str]:
+    return [f"--data.data_root={data}", f"--data.work_dir={work}"]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_shipped_config_parses(config, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["fit", "-c", str(config), "-c", str(SMOKE), *_paths(tmp_path, tmp_path),
+                  "--print_config"])
+    assert exc.value.code == 0
+    printed = capsys.readouterr().out
+    assert "monai.networks.nets" in printed and "hu_window" in printed
+    with pytest.raises(SystemExit) as exc:  # the profile alone parses too
+        cli_main(["fit", "-c", str(config), *_paths(tmp_path, tmp_path), "--print_config"])
+    assert exc.value.code == 0
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_fast_dev_run_of_shipped_config(config, tiny_data, tmp_path):
+    """Each profile's own network and loss run one train and one val step on CPU (32³ grid)."""
+    cli = cli_main(["fit", "-c", str(config), *_paths(tiny_data, tmp_path),
+                    "--trainer.fast_dev_run=1", "--trainer.accelerator=cpu",
+                    "--trainer.precision=32-true", *SMALL])
+    assert np.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
+    assert "val/dice_mean" in cli.trainer.callback_metrics
+    assert cli.model.hparams.grid_shape == [32, 32, 32]      # linked from data
+    assert tuple(cli.model.hparams.hu_window) == cli.datamodule.hu_window
+
+
+def test_prepare_resumes_and_records_failures(tiny_data, tmp_path):
+    settings = GridSettings(shape=(24, 24, 24))
+    qc = prepare_studies(tiny_data, tmp_path, settings, splits=("test",), jobs=1,
+                         progress=False)
+    assert (qc["status"] == "prepared").all() and len(qc) >= 2
+    uids = qc["study_uid"].tolist()
+    study = load_cached(cache_path(tmp_path, settings, uids[0]))
+    assert study.image.shape == (24, 24, 24) and study.image.dtype == np.int16
+    assert study.label is None and study.src_affine.shape == (4, 4)
+    # interrupt: one cache file lost, a leftover temp file of an unfinished write beside it
+    lost = cache_path(tmp_path, settings, uids[1])
+    lost.unlink()
+    leftover = lost.parent / f".{lost.name}.abc123.tmp.npz"
+    leftover.write_bytes(b"half-written")
+    qc2 = prepare_studies(tiny_data, tmp_path, settings, splits=("test",), jobs=1,
+                          progress=False)
+    status = dict(zip(qc2["study_uid"], qc2["status"]))
+    assert status[uids[1]] == "prepared" and status[uids[0]] == "cached"
+    assert sum(s == "cached" for s in status.values()) == len(uids) - 1
+    assert load_cached(lost).uid == uids[1]
+    # a broken study is a failed QC row, and the batch goes on
+    from stage1_segment.prepare import prepare_study
+
+    bad = tmp_path / "bad_study"
+    bad.mkdir()
+    (bad / "1.dcm").write_bytes(b"not a dicom file")
+    row = prepare_study("bad", str(bad), None, "test", str(tmp_path / "bad.npz"), settings)
+    assert row["status"] == "failed" and row["reason"] and not (tmp_path / "bad.npz").exists()
+
+
+def test_prepare_fit_predict_crops_end_to_end(tiny_data, tmp_path):
+    from common.manifest import read_manifest
+    from common.nifti_io import load_nifti
+    from stage1_segment.crops import main as crops_main
+    from stage1_segment.inference import load_model, segment_volume
+
+    base = ["-c", str(REPO / "configs/stage1/base.yaml"), "-c", str(SMOKE),
+            *_paths(tiny_data, tmp_path)]
+    cli_main(["fit", *base, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2"])
+    run = json.loads((tmp_path / "stage1" / "run.json").read_text())
+    assert Path(run["best_checkpoint"]).is_file() and "val/dice_C1" in run["best_val"]
+    cli_main(["predict", *base, "--ckpt_path=best"])
+    pred = tmp_path / "stage1" / "predict"
+    qc = (pred / "qc_predict.csv").read_text().splitlines()
+    n_studies = len(qc) - 1
+    assert n_studies == 15 and all(",ok," in line for line in qc[1:])
+    uid = qc[1].split(",")[0]
+    mask, affine = load_nifti(pred / "masks" / f"{uid}.nii.gz")
+    cached = next((tmp_path / "stage1" / "cache").glob(f"*/{uid}.npz"))
+    assert mask.shape == load_cached(cached).image.shape
+    assert np.allclose(affine, load_cached(cached).affine, atol=1e-4)
+
+    assert crops_main(["-c", str(REPO / "configs/stage1/base.yaml"), "-c", str(SMOKE),
+                       "--data-root", str(tiny_data), "--work-dir", str(tmp_path),
+                       "--jobs", "1"]) == 0
+    manifest = read_manifest(tmp_path / "stage1" / "crops" / "vertebrae.csv")
+    assert len(manifest) == 7 * n_studies
+    assert set(manifest.groupby("study_uid").size()) == {7}
+    present = manifest[manifest["present"]]
+    absent = manifest[~manifest["present"]]
+    assert (absent["crop_path"] == "").all() and absent["qc_status"].str.startswith("absent").all()
+    with np.load(present.iloc[0]["crop_path"]) as z:
+        assert z["image"].dtype == np.int16 and z["mask"].dtype == np.uint8
+        assert z["image"].shape == (16, 16, 12) and z["affine"].shape == (4, 4)
+    assert (manifest[manifest["split"] == "test"]["fold"] == -1).all()
+    assert (manifest[manifest["split"] == "train"]["fold"] >= 0).all()
+
+    # single-study API used by `cspine predict`: mask on the CT's own grid
+    from common.dicom_io import load_series
+
+    model = load_model(run["best_checkpoint"])
+    volume = load_series(tiny_data / "test_images" / manifest.iloc[-1]["study_uid"])
+    full = segment_volume(model, volume)
+    assert full.shape == volume.shape and full.dtype == np.uint8
+    os.environ.pop("WANDB_RUN_ID", None)
