@@ -34,7 +34,7 @@ TRUTH = "_synth_truth"
 STATE_VERSION = 1
 #: Bump whenever the phantom, the writer or the plan changes what a config produces, so that a
 #: dataset written by older code is not silently "resumed" with newer studies.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 #: Everything ``generate`` may create (and ``overwrite`` may delete) directly under out_dir.
 OWNED = ("train.csv", "test.csv", "sample_submission.csv", "train_bounding_boxes.csv",
          "train_images", "test_images", "segmentations", TRUTH, STATE)

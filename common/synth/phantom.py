@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from common import geometry
-from common.synth.shapes import (VertebraShape, atlas_height_above_centre, ell_cyl,
-                                 make_shape, sd_gradient, vertebra_sd)
+from common.synth.extras import paint_unlabelled_bones
+from common.synth.shapes import (VertebraShape, atlas_height_above_centre, box_of, ell_cyl,
+                                 grid_points, make_shape, paint, sd_gradient, vertebra_sd)
 
 CHUNK_VOXELS = 1_000_000  # voxels per slab when painting a vertebra
 COLUMN = ("C1", "C2", "C3", "C4", "C5", "C6", "C7", "T1", "T2", "T3", "T4")
@@ -164,34 +165,11 @@ class Rendered:
     fractures: list[Fracture]
 
 
-def _box_of(affine: np.ndarray, shape: tuple[int, ...], lo_mm: np.ndarray, hi_mm: np.ndarray
-            ) -> tuple[slice, ...] | None:
-    """Voxel slices of the grid covering an RAS box, or None when the box misses the grid."""
-    lo, hi = geometry.world_box_to_voxel_box(affine, lo_mm, hi_mm)
-    lo, hi = np.maximum(lo, 0), np.minimum(hi, np.asarray(shape) - 1)
-    if np.any(hi < lo):
-        return None
-    return tuple(slice(int(a), int(b) + 1) for a, b in zip(lo, hi))
-
-
-def _grid_points(affine: np.ndarray, sl: tuple[slice, ...]) -> np.ndarray:
-    """RAS mm (nx, ny, nz, 3) of the voxel centres in the box ``sl``."""
-    idx = np.stack(np.meshgrid(*[np.arange(s.start, s.stop) for s in sl], indexing="ij"), -1)
-    return geometry.voxel_to_world(affine, idx)
-
-
-def _paint(hu: np.ndarray, sl: tuple[slice, ...], sd: np.ndarray, value: np.ndarray | float,
-           vox: float) -> None:
-    """Blend ``value`` into ``hu[sl]`` by partial volume: coverage 0.5 + sd/voxel, clipped."""
-    frac = np.clip(0.5 + sd / vox, 0.0, 1.0)
-    hu[sl] = hu[sl] * (1 - frac) + value * frac
-
-
 def paint_soft_tissue(hu: np.ndarray, affine: np.ndarray, anat: Anatomy) -> None:
     """Air, then per slice the neck ellipse (fat rim, muscle) and the airway, in place."""
     nx, ny, nz = hu.shape
     ii, jj = np.meshgrid(np.arange(nx), np.arange(ny), indexing="ij")
-    top, c7 = anat.top_of_c1(), anat.bottom_of("C7")
+    top, c7 = anat.top_of_c1(), anat.bottom_of("C7") + 12.0 * anat.scale  # shoulders start
     half_w, half_d, back = anat.neck
     for k in range(nz):
         pts = geometry.voxel_to_world(affine, np.stack([ii, jj, np.full_like(ii, k)], -1))
@@ -213,29 +191,6 @@ def paint_soft_tissue(hu: np.ndarray, affine: np.ndarray, anat: Anatomy) -> None
             sl[ra < 1.0] = -1000.0
 
 
-def paint_occiput(hu: np.ndarray, affine: np.ndarray, anat: Anatomy, vox: float) -> None:
-    """Unlabelled skull base above C1: a bowl-shaped shell with the foramen magnum cut out.
-
-    The shell's lowest point lies 1 mm above the top of C1 and everything below 3 mm above it
-    is cut off, so the skull never touches the labelled vertebrae.
-    """
-    c1 = anat.vertebrae[0]
-    s = anat.scale
-    radii = np.array([60, 65, 45]) * s
-    floor = anat.top_of_c1() + 1.0
-    centre = np.array([c1.centre[0], c1.centre[1] - 20 * s, floor + radii[2]])
-    sl = _box_of(affine, hu.shape, centre - radii, centre + radii)
-    if sl is None:
-        return
-    u = _grid_points(affine, sl) - centre
-    outer = (1 - np.linalg.norm(u / radii, axis=-1)) * radii.min()
-    inner = (1 - np.linalg.norm(u / (radii - 6 * s), axis=-1)) * (radii.min() - 6 * s)
-    hole = ell_cyl(u, 0.0, 10 * s, 15 * s, 17 * s, 0.0, 1e3)
-    cut = u[..., 2] - (floor + 2.0 - centre[2])
-    sd = np.minimum(np.minimum(np.minimum(outer, -inner), -hole), cut)
-    _paint(hu[...], sl, sd, anat.hu["cortex"] * 0.9, vox)
-
-
 def paint_discs(hu: np.ndarray, affine: np.ndarray, anat: Anatomy, vox: float) -> None:
     """Intervertebral discs (unlabelled, ~80 HU) between consecutive bodies from C2–C3 down."""
     for up, low in zip(anat.vertebrae[1:-1], anat.vertebrae[2:]):
@@ -245,13 +200,13 @@ def paint_discs(hu: np.ndarray, affine: np.ndarray, anat: Anatomy, vox: float) -
         gap = float(np.linalg.norm(bottom - top))
         a, b = min(up.shape.a, low.shape.a) * 0.95, min(up.shape.b, low.shape.b) * 0.95
         ext = np.array([a + 2, a + 2, gap + 4])
-        sl = _box_of(affine, hu.shape, centre - ext - 4, centre + ext + 4)
+        sl = box_of(affine, hu.shape, centre - ext - 4, centre + ext + 4)
         if sl is None:
             continue
         rot = up.rot
-        u = (_grid_points(affine, sl) - centre) @ rot
+        u = (grid_points(affine, sl) - centre) @ rot
         sd = ell_cyl(u, 0.0, 0.0, a, b, 0.0, gap + 2.0)
-        _paint(hu, sl, sd, anat.hu["disc"], vox)
+        paint(hu, sl, sd, anat.hu["disc"], vox)
 
 
 def plan_fracture(v: PlacedVertebra, kind: str, rng: np.random.Generator,
@@ -300,7 +255,7 @@ def paint_vertebra(hu: np.ndarray, labels: np.ndarray, affine: np.ndarray, v: Pl
     """
     lo, hi = v.world_bound()
     pad = 0.0 if fracture is None else float(np.linalg.norm(fracture.shift)) + 1.0
-    sl = _box_of(affine, hu.shape, lo - pad, hi + pad)
+    sl = box_of(affine, hu.shape, lo - pad, hi + pad)
     if sl is None:
         return None
     # work in slabs of slices so a 512² × 0.6 mm study stays within a few hundred MB
@@ -317,7 +272,7 @@ def _paint_slab(hu: np.ndarray, labels: np.ndarray, affine: np.ndarray, sl: tupl
                 v: PlacedVertebra, anat: Anatomy, vox: float, cortex_mm: float,
                 fracture: Fracture | None) -> np.ndarray:
     """:func:`paint_vertebra` on the voxel box ``sl``; returns the fractured voxels (N, 3)."""
-    u = v.local(_grid_points(affine, sl))
+    u = v.local(grid_points(affine, sl))
     sd = vertebra_sd(v.shape, u)
     broken = None
     if fracture is not None and fracture.kind == "fragment":
@@ -330,7 +285,7 @@ def _paint_slab(hu: np.ndarray, labels: np.ndarray, affine: np.ndarray, sl: tupl
                         np.where(dst, sd_moved, -1e3))
     core = np.clip((sd - cortex_mm) / vox + 0.5, 0.0, 1.0)
     value = anat.hu["cortex"] * (1 - core) + anat.hu["cancellous"] * core
-    _paint(hu, sl, sd, value, vox)
+    paint(hu, sl, sd, value, vox)
     lab = labels[sl]
     mine = (sd > 0) & (lab == 0)
     lab[mine] = v.shape.label
@@ -362,7 +317,7 @@ def render(anat: Anatomy, affine: np.ndarray, shape: tuple[int, int, int],
     hu = np.empty(shape, dtype=np.float32)
     labels = np.zeros(shape, dtype=np.uint8)
     paint_soft_tissue(hu, affine, anat)
-    paint_occiput(hu, affine, anat, vox)
+    paint_unlabelled_bones(hu, affine, anat, vox, cortex_mm)
     paint_discs(hu, affine, anat, vox)
     planned = {v.shape.name: plan_fracture(v, fractures[v.shape.name], frac_rng, min_width)
                for v in anat.vertebrae if v.shape.name in fractures}

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common import geometry
+
 BIG = 1e3
 
 
@@ -28,11 +30,12 @@ def ell_cyl(u: np.ndarray, cx: float, cy: float, a: float, b: float, z0: float, 
 def capsule(u: np.ndarray, p0: tuple[float, float, float], p1: tuple[float, float, float],
             radius: float) -> np.ndarray:
     """Rod of ``radius`` around the segment p0–p1 (rounded ends)."""
-    a, b = np.asarray(p0, float), np.asarray(p1, float)
-    d = b - a
-    t = np.clip(((u - a) @ d) / float(d @ d), 0.0, 1.0)
-    closest = a + t[..., None] * d
-    return radius - np.linalg.norm(u - closest, axis=-1)
+    a = np.asarray(p0, float)
+    d = np.asarray(p1, float) - a
+    rel = [u[..., i] - a[i] for i in range(3)]
+    t = np.clip((rel[0] * d[0] + rel[1] * d[1] + rel[2] * d[2]) / float(d @ d), 0.0, 1.0)
+    dist2 = sum((rel[i] - t * d[i]) ** 2 for i in range(3))
+    return radius - np.sqrt(dist2)
 
 
 def box(u: np.ndarray, centre: tuple[float, float, float], half: tuple[float, float, float]
@@ -161,3 +164,27 @@ def sd_gradient(v: VertebraShape, p: np.ndarray, eps: float = 0.25) -> np.ndarra
     g = (d[:3] - d[3:]) / (2 * eps)
     n = np.linalg.norm(g)
     return g / n if n > 0 else np.array([0.0, 1.0, 0.0])
+
+
+# ----------------------------------------------------------------------------- grid helpers
+def box_of(affine: np.ndarray, shape: tuple[int, ...], lo_mm: np.ndarray, hi_mm: np.ndarray
+           ) -> tuple[slice, ...] | None:
+    """Voxel slices of the grid covering an RAS box, or None when the box misses the grid."""
+    lo, hi = geometry.world_box_to_voxel_box(affine, lo_mm, hi_mm)
+    lo, hi = np.maximum(lo, 0), np.minimum(hi, np.asarray(shape) - 1)
+    if np.any(hi < lo):
+        return None
+    return tuple(slice(int(a), int(b) + 1) for a, b in zip(lo, hi))
+
+
+def grid_points(affine: np.ndarray, sl: tuple[slice, ...]) -> np.ndarray:
+    """RAS mm (nx, ny, nz, 3) of the voxel centres in the box ``sl``."""
+    idx = np.stack(np.meshgrid(*[np.arange(s.start, s.stop) for s in sl], indexing="ij"), -1)
+    return geometry.voxel_to_world(affine, idx)
+
+
+def paint(hu: np.ndarray, sl: tuple[slice, ...], sd: np.ndarray, value: np.ndarray | float,
+          vox: float) -> None:
+    """Blend ``value`` into ``hu[sl]`` by partial volume: coverage 0.5 + sd/voxel, clipped."""
+    frac = np.clip(0.5 + sd / vox, 0.0, 1.0)
+    hu[sl] = hu[sl] * (1 - frac) + value * frac
