@@ -204,20 +204,23 @@ def _shared_buffer(shape: tuple[int, ...]) -> tuple[np.ndarray, str] | None:
         if st.f_bavail * st.f_frsize < nbytes * 1.25 + (64 << 20):
             return None
         fd, path = tempfile.mkstemp(prefix="cspine-decode-", suffix=".i16", dir=shm)
-        try:
-            os.ftruncate(fd, nbytes)
-        finally:
-            os.close(fd)
-        return np.memmap(path, dtype=np.int16, mode="r+", shape=shape), path
     except OSError:
         return None
+    try:
+        os.ftruncate(fd, nbytes)
+        return np.memmap(path, dtype=np.int16, mode="r+", shape=shape), path
+    except OSError:
+        os.unlink(path)
+        return None
+    finally:
+        os.close(fd)
 
 
 _POOL: ProcessPoolExecutor | None = None
 _POOL_SIZE = 0
 
 
-def _context() -> multiprocessing.context.BaseContext:
+def mp_context() -> multiprocessing.context.BaseContext:
     """forkserver on Linux (safe with threads in the parent, cheap after the first start)."""
     if sys.platform.startswith("linux"):
         ctx = multiprocessing.get_context("forkserver")
@@ -231,7 +234,7 @@ def get_pool(workers: int) -> ProcessPoolExecutor:
     global _POOL, _POOL_SIZE
     if _POOL is None or _POOL_SIZE != workers:
         shutdown_pool()
-        _POOL = ProcessPoolExecutor(max_workers=workers, mp_context=_context())
+        _POOL = ProcessPoolExecutor(max_workers=workers, mp_context=mp_context())
         _POOL_SIZE = workers
     return _POOL
 

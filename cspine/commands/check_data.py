@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from common.atomic import write_csv
-    from common.dicom_decode import _context, default_workers
+    from common.dicom_decode import default_workers, mp_context
 
     root = Path(args.data_dir)
     if not root.is_dir() or not any((root / d).is_dir() for d in ("train_images",
@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     if workers > 1 and len(jobs) > 4:
         from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(max_workers=workers, mp_context=_context()) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp_context()) as pool:
             for row in pool.map(census_study, jobs, chunksize=4):
                 rows.append(row)
                 bar.update()
