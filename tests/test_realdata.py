@@ -122,3 +122,27 @@ def test_non_dicom_file_skipped(realdata, tmp_path):
     vol = load_series(study)
     assert vol.shape == (16, 16, 5)
     assert {"file": "README.md", "reason": "not_dicom"} in vol.qc["files_skipped"]
+
+
+def _single(realdata, tmp_path, rel):
+    study = tmp_path / rel.replace("/", "_")
+    study.mkdir(parents=True)
+    shutil.copy(realdata / rel, study / "1.dcm")
+    return load_series(study)
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+def test_single_files_match_pydicom_modality_lut(realdata, tmp_path):
+    """Unsigned 12-bit JPEG-LL neck CT, and a J2K file whose BitsStored disagrees (16 vs 14)."""
+    import pydicom
+    from pydicom.pixels import apply_modality_lut
+
+    for rel in ("pydicom/bad_sequence.dcm", "pydicom/693_UNCR.dcm", "pydicom/693_J2KR.dcm"):
+        vol = _single(realdata, tmp_path / "a", rel)
+        ds = pydicom.dcmread(realdata / rel)
+        expect = np.maximum(np.rint(apply_modality_lut(ds.pixel_array, ds)), -1024)
+        np.testing.assert_array_equal(vol.hu[:, :, 0], expect.T, err_msg=rel)
+        assert vol.qc["z_direction"] == "single"
+    a = _single(realdata, tmp_path / "b", "pydicom/693_UNCR.dcm")
+    b = _single(realdata, tmp_path / "b", "pydicom/693_J2KR.dcm")
+    np.testing.assert_array_equal(a.hu, b.hu)
