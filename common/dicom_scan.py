@@ -48,6 +48,9 @@ class SeriesError(ValueError):
         self.evidence = evidence
         self.qc = qc if qc is not None else {}
 
+    def __reduce__(self):  # picklable across process pools
+        return (SeriesError, (self.study, self.file, self.reason, self.evidence, self.qc))
+
 
 @dataclass(frozen=True)
 class SliceHeader:

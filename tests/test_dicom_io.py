@@ -104,6 +104,10 @@ def test_two_stacks_strict_reject_lenient_keeps_first(tmp_path):
     assert err.value.reason == "duplicate_position" and err.value.study == UID
     assert "10 files but only 5 distinct slice positions" in str(err.value)
     assert err.value.qc["status"] == "rejected"
+    import pickle
+
+    again = pickle.loads(pickle.dumps(err.value))
+    assert (again.reason, again.study, str(again)) == ("duplicate_position", UID, str(err.value))
     vol = load_series(tmp_path / UID, lenient=True)
     assert sorted(vol.file_numbers.tolist()) == [1, 2, 3, 4, 5]
     np.testing.assert_array_equal(vol.hu[:, :, 0], stored[4].T - 1024)
