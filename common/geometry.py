@@ -203,11 +203,22 @@ def resample_to_grid(array: np.ndarray, src_affine: np.ndarray, dst_affine: np.n
     ``order=1`` (linear) for images. Points outside the source get ``cval``.
     """
     m = np.linalg.inv(src_affine) @ dst_affine
-    out = ndimage.affine_transform(
-        array, m[:3, :3], offset=m[:3, 3], output_shape=tuple(int(s) for s in dst_shape),
-        order=order, mode="constant", cval=cval, prefilter=False,
-        output=np.dtype(dtype) if dtype is not None else array.dtype)
-    return out
+    # Only the source voxels under the destination grid (plus a 2-voxel apron for the
+    # interpolation kernel) take part: slice them out first, so a small crop of a large CT
+    # costs what the crop costs, not what the CT costs. The result is identical.
+    dst_shape = tuple(int(s) for s in dst_shape)
+    corners = np.array([[a, b, c] for a in (0, dst_shape[0] - 1) for b in (0, dst_shape[1] - 1)
+                        for c in (0, dst_shape[2] - 1)], float)
+    src = corners @ m[:3, :3].T + m[:3, 3]
+    lo = np.clip(np.floor(src.min(axis=0)).astype(int) - 2, 0, np.asarray(array.shape))
+    hi = np.clip(np.ceil(src.max(axis=0)).astype(int) + 3, 0, np.asarray(array.shape))
+    out_dtype = np.dtype(dtype) if dtype is not None else array.dtype
+    if np.any(hi <= lo):  # the destination lies entirely outside the source
+        return np.full(dst_shape, cval, dtype=out_dtype)
+    sub = array[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    return ndimage.affine_transform(
+        sub, m[:3, :3], offset=m[:3, 3] - lo, output_shape=dst_shape,
+        order=order, mode="constant", cval=cval, prefilter=False, output=out_dtype)
 
 
 def grid_for_shape(affine: np.ndarray, shape: Sequence[int], out_shape: Sequence[int]

@@ -147,3 +147,25 @@ def test_itk_bridge_round_trip():
 def test_bad_affine_rejected():
     with pytest.raises(g.GeometryError, match="bad_affine"):
         g.check_affine(np.zeros((4, 4)))
+
+
+@pytest.mark.parametrize("order", [0, 1])
+def test_resample_to_grid_subregion_equals_full_transform(order):
+    """Slicing the source under the destination grid must not change a single value."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(1)
+    src = rng.normal(size=(30, 28, 26)).astype(np.float32)
+    src_aff = g.affine_from_dicom([1, 0, 0, 0, 1, 0], [0.7, 0.9], [5.0, -3.0, 10.0], 1.3)
+    rot = np.eye(4)
+    c, s = np.cos(0.2), np.sin(0.2)
+    rot[:2, :2] = [[c, -s], [s, c]]
+    for lo, hi in [((3, 4, 5), (12, 15, 9)), ((-5, -5, -5), (40, 40, 40)), ((20, 0, 0), (29, 27, 25))]:
+        dst_aff = rot @ g.box_grid(src_aff, lo, hi, margin_mm=2.0, out_shape=(9, 8, 7))
+        got = g.resample_to_grid(src, src_aff, dst_aff, (9, 8, 7), order=order, cval=-7.0)
+        m = np.linalg.inv(src_aff) @ dst_aff
+        want = ndimage.affine_transform(src, m[:3, :3], offset=m[:3, 3], output_shape=(9, 8, 7),
+                                        order=order, mode="constant", cval=-7.0, prefilter=False)
+        np.testing.assert_array_equal(got, want)
+    far = g.translate_affine(src_aff, (500, 500, 500))
+    assert (g.resample_to_grid(src, src_aff, far, (3, 3, 3), cval=-7.0) == -7.0).all()
