@@ -85,6 +85,23 @@ def pixel_digest(path: str) -> str:
     return hashlib.sha1(bytes(ds.PixelData)).hexdigest()
 
 
+def position_keys(positions_lps: np.ndarray, iop: tuple[float, ...],
+                  tol_mm: float = DUPLICATE_TOL_MM) -> list[int]:
+    """A position id per slice: slices within ``tol_mm`` (3D) of each other share one.
+
+    Slices are walked in order along the normal, so near-identical positions (…24673 holds two
+    files 4 µm apart) are grouped whatever their rounding.
+    """
+    order = geometry.sort_slices(positions_lps, iop)
+    keys = [0] * len(order)
+    current, ref = -1, None
+    for i in order:
+        if ref is None or np.linalg.norm(positions_lps[i] - ref) > tol_mm:
+            current, ref = current + 1, positions_lps[i]
+        keys[i] = current
+    return keys
+
+
 class _Validator:
     def __init__(self, scan: ScanResult, lenient: bool,
                  digest: Callable[[str], str] = pixel_digest):
@@ -110,7 +127,8 @@ class _Validator:
         listing = ", ".join(f"{uid or '<none>'} ({len(v)} files)" for uid, v in by_uid.items())
         if not self.lenient:
             raise self.fail("multiple_series", f"{len(by_uid)} series in one folder: {listing}")
-        keep_uid = max(by_uid, key=lambda u: (len(by_uid[u]), -min(h.file_number for h in by_uid[u])))
+        keep_uid = max(by_uid, key=lambda u: (len(by_uid[u]),
+                                              -min(h.file_number for h in by_uid[u])))
         for uid, files in by_uid.items():
             if uid != keep_uid:
                 self.drop(files, "other_series")
@@ -119,23 +137,27 @@ class _Validator:
         return by_uid[keep_uid]
 
     def choose_geometry(self, slices: list[SliceHeader]) -> list[SliceHeader]:
-        def key(h: SliceHeader) -> tuple:
-            return (tuple(np.round(np.asarray(h.iop) / IOP_TOL).astype(int)), h.rows, h.cols,
-                    tuple(round(v, 6) for v in h.pixel_spacing))
-
-        groups: dict[tuple, list[SliceHeader]] = defaultdict(list)
+        groups: list[list[SliceHeader]] = []  # greedy: same size and spacing, IOP within tol
         for h in slices:
-            groups[key(h)].append(h)
+            for g in groups:
+                ref = g[0]
+                if ((h.rows, h.cols) == (ref.rows, ref.cols)
+                        and np.allclose(h.pixel_spacing, ref.pixel_spacing, rtol=0, atol=1e-6)
+                        and np.max(np.abs(np.subtract(h.iop, ref.iop))) <= IOP_TOL):
+                    g.append(h)
+                    break
+            else:
+                groups.append([h])
         if len(groups) == 1:
             return slices
         desc = "; ".join(
             f"{len(v)} files {v[0].rows}x{v[0].cols} spacing {list(v[0].pixel_spacing)} "
-            f"IOP {[round(x, 4) for x in v[0].iop]} (e.g. {v[0].name})" for v in groups.values())
-        sizes = sorted((len(v) for v in groups.values()), reverse=True)
+            f"IOP {[round(x, 4) for x in v[0].iop]} (e.g. {v[0].name})" for v in groups)
+        sizes = sorted((len(v) for v in groups), reverse=True)
         if not self.lenient or sizes[0] == sizes[1]:
             raise self.fail("inconsistent_geometry", f"mixed slice geometry: {desc}")
-        best = max(groups.values(), key=len)
-        for files in groups.values():
+        best = max(groups, key=len)
+        for files in groups:
             if files is not best:
                 self.drop(files, "inconsistent_geometry")
         self.reasons.append("inconsistent_geometry")
@@ -157,9 +179,8 @@ class _Validator:
     # -- duplicates ----------------------------------------------------------------------
     def resolve_duplicates(self, slices: list[SliceHeader]) -> list[SliceHeader]:
         slices = sorted(slices, key=lambda h: (h.file_number, h.name))
-        keys = [tuple(np.round(np.asarray(h.ipp) / DUPLICATE_TOL_MM).astype(np.int64))
-                for h in slices]
-        groups: dict[tuple, list[int]] = defaultdict(list)
+        keys = position_keys(np.array([h.ipp for h in slices], dtype=float), slices[0].iop)
+        groups: dict[int, list[int]] = defaultdict(list)
         for i, k in enumerate(keys):
             groups[k].append(i)
         dup_groups = [g for g in groups.values() if len(g) > 1]
