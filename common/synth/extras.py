@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from common.synth.shapes import box_of, capsule, ell_cyl, grid_points, paint
+from common.synth.shapes import box_of, capsule, ell_cyl, grid_points, paint, slabs
 
 if TYPE_CHECKING:
     from common.synth.phantom import Anatomy
@@ -25,10 +25,11 @@ def _paint_bone(hu: np.ndarray, affine: np.ndarray, anat: "Anatomy", sd_fn, cent
     sl = box_of(affine, hu.shape, world.min(axis=0), world.max(axis=0))
     if sl is None:
         return
-    sd = sd_fn((grid_points(affine, sl) - centre) @ rot)
-    core = np.clip((sd - cortex_mm) / vox + 0.5, 0.0, 1.0)
-    value = anat.hu["cortex"] * 0.95 * (1 - core) + anat.hu["cancellous"] * core
-    paint(hu, sl, sd, value, vox)
+    for sub in slabs(sl):
+        sd = sd_fn((grid_points(affine, sub) - centre) @ rot)
+        core = np.clip((sd - cortex_mm) / vox + 0.5, 0.0, 1.0)
+        value = anat.hu["cortex"] * 0.95 * (1 - core) + anat.hu["cancellous"] * core
+        paint(hu, sub, sd, value, vox)
 
 
 def paint_unlabelled_bones(hu: np.ndarray, affine: np.ndarray, anat: "Anatomy", vox: float,

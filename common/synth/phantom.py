@@ -16,9 +16,9 @@ import numpy as np
 from common import geometry
 from common.synth.extras import paint_unlabelled_bones
 from common.synth.shapes import (VertebraShape, atlas_height_above_centre, box_of, ell_cyl,
-                                 grid_points, make_shape, paint, sd_gradient, vertebra_sd)
+                                 grid_points, make_shape, paint, sd_gradient, slabs,
+                                 vertebra_sd)
 
-CHUNK_VOXELS = 1_000_000  # voxels per slab when painting a vertebra
 COLUMN = ("C1", "C2", "C3", "C4", "C5", "C6", "C7", "T1", "T2", "T3", "T4")
 
 
@@ -259,11 +259,8 @@ def paint_vertebra(hu: np.ndarray, labels: np.ndarray, affine: np.ndarray, v: Pl
     if sl is None:
         return None
     # work in slabs of slices so a 512² × 0.6 mm study stays within a few hundred MB
-    per_slice = (sl[0].stop - sl[0].start) * (sl[1].stop - sl[1].start)
-    step = max(1, CHUNK_VOXELS // per_slice)
     found = [np.zeros((0, 3), dtype=np.int64)]
-    for z0 in range(sl[2].start, sl[2].stop, step):
-        sub = (sl[0], sl[1], slice(z0, min(z0 + step, sl[2].stop)))
+    for sub in slabs(sl):
         found.append(_paint_slab(hu, labels, affine, sub, v, anat, vox, cortex_mm, fracture))
     return np.concatenate(found)
 

@@ -177,6 +177,17 @@ def box_of(affine: np.ndarray, shape: tuple[int, ...], lo_mm: np.ndarray, hi_mm:
     return tuple(slice(int(a), int(b) + 1) for a, b in zip(lo, hi))
 
 
+CHUNK_VOXELS = 1_000_000  # voxels per slab when painting (bounds memory on 512² grids)
+
+
+def slabs(sl: tuple[slice, ...], chunk: int = CHUNK_VOXELS) -> list[tuple[slice, ...]]:
+    """Split a voxel box into slabs of whole slices holding about ``chunk`` voxels each."""
+    per_slice = (sl[0].stop - sl[0].start) * (sl[1].stop - sl[1].start)
+    step = max(1, chunk // max(1, per_slice))
+    return [(sl[0], sl[1], slice(z, min(z + step, sl[2].stop)))
+            for z in range(sl[2].start, sl[2].stop, step)]
+
+
 def grid_points(affine: np.ndarray, sl: tuple[slice, ...]) -> np.ndarray:
     """RAS mm (nx, ny, nz, 3) of the voxel centres in the box ``sl``."""
     idx = np.stack(np.meshgrid(*[np.arange(s.start, s.stop) for s in sl], indexing="ij"), -1)
