@@ -16,7 +16,10 @@ from typing import Sequence
 
 import numpy as np
 import pydicom
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_data_element
 from pydicom.valuerep import DSfloat
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
 
@@ -50,6 +53,7 @@ def make_header(stored: np.ndarray, ipp: Sequence[float], *, study_uid: str, num
     rows, cols = stored.shape
     study_uid = as_uid(study_uid)
     meta = FileMetaDataset()
+    meta.FileMetaInformationVersion = b"\x00\x01"
     meta.MediaStorageSOPClassUID = CTImageStorage
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
@@ -76,6 +80,7 @@ def make_header(stored: np.ndarray, ipp: Sequence[float], *, study_uid: str, num
         ds.RescaleSlope = f"{slope:g}"
     if padding is not None:
         ds.PixelPaddingValue = int(padding)
+        ds["PixelPaddingValue"].VR = "SS" if signed else "US"
     ds.WindowCenter, ds.WindowWidth = "500", "2000"
     _set_slice(ds, stored, ipp, number)
     return ds
@@ -89,6 +94,7 @@ def _set_slice(ds: Dataset, stored: np.ndarray, ipp: Sequence[float], number: in
     ds.ImagePositionPatient = [DSfloat(float(v), auto_format=True) for v in ipp]
     dtype = np.int16 if ds.PixelRepresentation == 1 else np.uint16
     ds.PixelData = np.ascontiguousarray(stored.astype(dtype)).tobytes()
+    ds["PixelData"].VR = "OW"
 
 
 def _save(ds: Dataset, path: Path, transfer_syntax: str) -> Path:
@@ -125,15 +131,52 @@ def write_series(folder: Path, stored: np.ndarray, positions: np.ndarray, *,
     study_uid = study_uid or folder.name
     numbers = list(file_numbers) if file_numbers is not None else list(range(1, len(stored) + 1))
     ts = header.pop("transfer_syntax", ExplicitVRLittleEndian)
+    if ts != ExplicitVRLittleEndian:
+        return [write_slice(folder / f"{n}.dcm", stored[i], positions[i], study_uid=study_uid,
+                            number=n, transfer_syntax=ts, **header)
+                for i, n in enumerate(numbers)]
+    folder.mkdir(parents=True, exist_ok=True)
+    template = _Template(make_header(stored[0], positions[0], study_uid=study_uid,
+                                     number=numbers[0], **header))
     paths = []
-    ds = None
     for i, n in enumerate(numbers):
-        if ds is None or ts != ExplicitVRLittleEndian:
-            ds = make_header(stored[i], positions[i], study_uid=study_uid, number=n, **header)
-        else:  # reuse the header: only the per-slice elements change
-            _set_slice(ds, stored[i], positions[i], n)
-        paths.append(_save(ds, folder / f"{n}.dcm", ts))
+        path = folder / f"{n}.dcm"
+        ds = template.ds
+        _set_slice(ds, stored[i], positions[i], n)
+        path.write_bytes(template.encode(ds))
+        paths.append(path)
     return paths
+
+
+_DYNAMIC = (0x00080018, 0x00200013, 0x00200032, 0x7FE00010)
+
+
+def _encode_element(elem) -> bytes:
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_data_element(fp, elem)
+    return fp.getvalue()
+
+
+class _Template:
+    """Encodes the static header elements once with pydicom and only the per-slice ones
+    (SOPInstanceUID, InstanceNumber, ImagePositionPatient, PixelData and the file meta's
+    instance UID) per file: the same bytes pydicom writes, about 5× faster."""
+
+    def __init__(self, ds: Dataset):
+        self.ds = ds
+        self.static = [(int(e.tag), _encode_element(e)) for e in ds if int(e.tag) not in _DYNAMIC]
+        self.meta_static = [(int(e.tag), _encode_element(e)) for e in ds.file_meta
+                            if int(e.tag) not in (0x00020000, 0x00020003)]
+
+    def encode(self, ds: Dataset) -> bytes:
+        meta = sorted(self.meta_static + [
+            (0x00020003, _encode_element(ds.file_meta["MediaStorageSOPInstanceUID"]))])
+        body = b"".join(b for _, b in meta)
+        group = DataElement(0x00020000, "UL", len(body))
+        dynamic = [(t, _encode_element(ds[t])) for t in _DYNAMIC]
+        data = b"".join(b for _, b in sorted(self.static + dynamic))
+        return b"\0" * 128 + b"DICM" + _encode_element(group) + body + data
 
 
 def ramp_stack(n: int, rows: int = 8, cols: int = 8, seed: int = 0) -> np.ndarray:

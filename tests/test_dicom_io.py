@@ -290,3 +290,17 @@ def test_daemonic_caller_decodes_in_process(tmp_path):
     write_series(tmp_path / UID, ramp_stack(40, 4, 4), axial_positions(40))
     with multiprocessing.get_context("fork").Pool(1) as pool:
         assert pool.map(_load_in_daemon, [str(tmp_path / UID)]) == [1]
+
+
+def test_factory_fast_writer_matches_pydicom(tmp_path):
+    """tests/dicom_factory.write_series splices pre-encoded elements: same bytes as pydicom."""
+    from dicom_factory import make_header
+
+    stored, pos = ramp_stack(3, 4, 4), axial_positions(3)
+    write_series(tmp_path / "fast", stored, pos, study_uid=UID)
+    for i in range(3):
+        write_slice(tmp_path / "ref" / f"{i + 1}.dcm", stored[i], pos[i], study_uid=UID,
+                    number=i + 1)
+        assert (tmp_path / "fast" / f"{i + 1}.dcm").read_bytes() == (
+            tmp_path / "ref" / f"{i + 1}.dcm").read_bytes()
+    assert make_header(stored[0], pos[0], study_uid=UID, number=1).Rows == 4
