@@ -48,6 +48,9 @@ class DecodeItem:
     use_lut: bool = False
     padding: int | None = None
     padding_limit: int | None = None
+    #: uncompressed little-endian 16-bit data: (offset of the PixelData element, implicit VR,
+    #: BitsStored, signed); read straight from the file, else decoded by pydicom
+    native: tuple[int, bool, int, bool] | None = None
 
 
 class DecodeError(RuntimeError):
@@ -124,11 +127,47 @@ def to_hu(stored: np.ndarray, item: DecodeItem, ds: Any = None,
     return out, stats
 
 
+def read_native(item: DecodeItem) -> np.ndarray | None:
+    """Stored values of an uncompressed little-endian 16-bit slice, read at its known offset.
+
+    Does what pydicom's native decoder does (``correct_unused_bits``: bits above BitsStored
+    are cleared, or sign-extended when signed) without parsing the header a second time.
+    Returns None when the element found there is not the expected PixelData (the caller then
+    uses pydicom).
+    """
+    offset, implicit, bits_stored, signed = item.native  # type: ignore[misc]
+    n = item.rows * item.cols
+    with open(item.path, "rb") as fh:
+        fh.seek(offset)
+        head = fh.read(8 if implicit else 12)
+        if len(head) < (8 if implicit else 12) or head[:4] != b"\xe0\x7f\x10\x00":
+            return None
+        length = int.from_bytes(head[4:8] if implicit else head[8:12], "little")
+        if length != 2 * n:
+            return None
+        arr = np.fromfile(fh, dtype="<i2" if signed else "<u2", count=n)
+    if arr.size != n:
+        return None
+    arr = arr.reshape(item.rows, item.cols)
+    if bits_stored < 16:
+        shift = 16 - bits_stored
+        np.left_shift(arr, shift, out=arr)
+        np.right_shift(arr, shift, out=arr)
+    return arr
+
+
 def decode_one(item: DecodeItem, out: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
     """Decode one file to int16 HU (rows, cols), into ``out`` if given; raises DecodeError."""
     import pydicom
     from pydicom.pixels import pixel_array
 
+    if item.native is not None and not item.use_lut:
+        try:
+            stored = read_native(item)
+        except OSError as exc:
+            raise DecodeError(item.path, "corrupt_file", f"cannot read pixels ({exc})") from exc
+        if stored is not None:
+            return to_hu(stored, item, None, out)
     try:
         if item.use_lut:
             ds = pydicom.dcmread(item.path)

@@ -80,8 +80,17 @@ def decode_items(plan: SeriesPlan) -> list[DecodeItem]:
                        plugin=decoders.choose_plugin(h.transfer_syntax),
                        slope=h.slope, intercept=h.intercept,
                        use_lut=h.has_modality_lut and not h.has_rescale,
-                       padding=h.padding, padding_limit=h.padding_limit)
+                       padding=h.padding, padding_limit=h.padding_limit,
+                       native=_native(h))
             for h in plan.slices]
+
+
+def _native(h) -> tuple[int, bool, int, bool] | None:
+    """The direct-read parameters of an uncompressed 16-bit little-endian slice, else None."""
+    if h.pixel_offset < 0 or h.bits_allocated != 16 or not 0 < h.bits_stored <= 16:
+        return None
+    return (h.pixel_offset, h.transfer_syntax == "1.2.840.10008.1.2", h.bits_stored,
+            h.pixel_representation == 1)
 
 
 def load_series(study_dir: str | os.PathLike, lenient: bool = False,

@@ -79,6 +79,8 @@ class SliceHeader:
     pixel_representation: int
     padding: int | None
     padding_limit: int | None
+    bits_allocated: int = 16
+    pixel_offset: int = -1  # file offset of the PixelData element (uncompressed LE only)
 
     @property
     def name(self) -> str:
@@ -197,7 +199,9 @@ def read_header(path: Path) -> tuple[str, Any]:
         bits_stored=int(ds.get("BitsStored") or bits_alloc),
         pixel_representation=int(ds.get("PixelRepresentation") or 0),
         padding=int(pad) if isinstance(pad, (int, float)) else None,
-        padding_limit=int(pad_limit) if isinstance(pad_limit, (int, float)) else None)
+        padding_limit=int(pad_limit) if isinstance(pad_limit, (int, float)) else None,
+        bits_allocated=bits_alloc,
+        pixel_offset=pixel_offset if ts in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1") else -1)
     return "slice", header
 
 

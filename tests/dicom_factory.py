@@ -21,7 +21,12 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
 from pydicom.valuerep import DSfloat
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    PYDICOM_IMPLEMENTATION_UID,
+)
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
@@ -98,7 +103,9 @@ def _set_slice(ds: Dataset, stored: np.ndarray, ipp: Sequence[float], number: in
 
 
 def _save(ds: Dataset, path: Path, transfer_syntax: str) -> Path:
-    if transfer_syntax != ExplicitVRLittleEndian:
+    if transfer_syntax == ImplicitVRLittleEndian:
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    elif transfer_syntax != ExplicitVRLittleEndian:
         ds.compress(transfer_syntax)
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)

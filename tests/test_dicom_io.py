@@ -8,7 +8,7 @@ import numpy as np
 import pydicom
 import pytest
 from dicom_factory import AXIAL, axial_positions, ramp_stack, write_series, write_slice
-from pydicom.uid import RLELossless
+from pydicom.uid import ImplicitVRLittleEndian, RLELossless
 
 from common import geometry
 from common.dicom_io import SeriesError, load_series, scan_series
@@ -85,13 +85,39 @@ def test_unsigned_12bit_slope_and_padding(tmp_path):
     assert vol2.qc["hu_min"] == -1024
 
 
-def test_rle_matches_uncompressed(tmp_path):
+def test_rle_and_implicit_vr_match_explicit(tmp_path):
     stored = ramp_stack(3, seed=4)
+    stored[0, 0, 0] = -3000  # below -1024 HU after the rescale
     write_series(tmp_path / "raw", stored, axial_positions(3))
     write_series(tmp_path / "rle", stored, axial_positions(3), transfer_syntax=RLELossless)
-    a, b = load_series(tmp_path / "raw"), load_series(tmp_path / "rle")
+    write_series(tmp_path / "imp", stored, axial_positions(3),
+                 transfer_syntax=ImplicitVRLittleEndian)
+    a, b, c = (load_series(tmp_path / n) for n in ("raw", "rle", "imp"))
     np.testing.assert_array_equal(a.hu, b.hu)
+    np.testing.assert_array_equal(a.hu, c.hu)
+    assert a.hu[0, 0, 2] == -1024
     assert "1.2.840.10008.1.2.5" in b.qc["transfer_syntaxes"]
+    assert "1.2.840.10008.1.2" in c.qc["transfer_syntaxes"]
+
+
+def test_direct_read_equals_pydicom(tmp_path):
+    """The uncompressed fast path (read at the scanned offset) equals pydicom's decoder."""
+    from pydicom.pixels import pixel_array
+
+    from common.dicom_decode import read_native
+    from common.dicom_io import decode_items
+    from common.dicom_scan import scan_folder
+    from common.series_validate import plan_series
+
+    rng = np.random.default_rng(0)
+    stored = rng.integers(0, 1 << 16, size=(2, 6, 6)).astype(np.uint16)  # junk above bit 12
+    write_series(tmp_path / "u12", stored, axial_positions(2), signed=False, bits_stored=12)
+    signed = rng.integers(-30000, 30000, size=(2, 6, 6)).astype(np.int16)
+    write_series(tmp_path / "s14", signed, axial_positions(2), bits_stored=14)
+    for name in ("u12", "s14"):
+        for item in decode_items(plan_series(scan_folder(tmp_path / name))):
+            assert item.native is not None
+            np.testing.assert_array_equal(read_native(item), pixel_array(item.path))
 
 
 def test_two_stacks_strict_reject_lenient_keeps_first(tmp_path):
