@@ -90,3 +90,30 @@ evaluate: install  ## stage-2 OOF evaluation: WORK/stage2/oof/fold*.csv + DATA/t
 
 submit: install  ## score test crops with every fold model: WORK/stage1/crops/vertebrae.csv + WORK/stage2/ + DATA/sample_submission.csv -> WORK/submission.csv, WORK/stage2/submit_qc.csv
 	$(PY) -m stage2_classify.submit --work $(WORK) --data $(DATA) --rule $(AGG_RULE) --clip $(CLIP)
+
+# ---------------------------------------------------------------- end to end (demo, smoke, report)
+# The chain run by `make demo` and `make smoke`, in order; each step skips finished work.
+PIPELINE_STEPS := synth check-data folds stage1-prepare stage1-fit stage1-predict crops stage2-fit evaluate submit report
+SMOKE_DATA := $(if $(filter command line environment,$(origin DATA)),$(DATA),data/synth_tiny)
+SMOKE_WORK := $(if $(filter command line environment,$(origin WORK)),$(WORK),work/smoke)
+SMOKE_FOLDS ?= 0 1
+.PHONY: demo smoke report summary
+demo: install  ## the whole pipeline on PRESET=demo (synth -> stage 1 -> stage 2 -> submit -> report -> summary): DATA -> WORK/{submission.csv,oof.csv,metrics.json,report/,stage1/,stage2/}; cached steps are skipped
+	@start=$$(date +%s); \
+	for step in $(PIPELINE_STEPS); do \
+	  echo "==> make $$step  (DATA=$(DATA) WORK=$(WORK))"; \
+	  $(MAKE) --no-print-directory $$step PRESET=$(PRESET) DATA=$(DATA) WORK=$(WORK) || exit 1; \
+	done; \
+	$(VENV)/bin/cspine summary $(WORK) --data $(DATA) --seconds $$(( $$(date +%s) - start ))
+
+smoke: install  ## the demo chain on PRESET=tiny with configs/smoke/* (a few steps, folds SMOKE_FOLDS) for CI: DATA (default data/synth_tiny) -> WORK (default work/smoke)
+	@$(MAKE) --no-print-directory demo PRESET=tiny DATA=$(SMOKE_DATA) WORK=$(SMOKE_WORK) \
+	  STAGE1_CONFIG="configs/stage1/cpu.yaml -c configs/smoke/stage1.yaml" \
+	  STAGE2_CONFIG="configs/stage2/cpu.yaml -c configs/smoke/pipeline_stage2.yaml" \
+	  STAGE2_FOLDS="$(SMOKE_FOLDS)"
+
+report: install  ## HTML report of a run: WORK/{qc_data.csv,stage1/,metrics.json,report/*.png,stage2/submit_qc.csv} -> WORK/report/index.html (+ PNGs)
+	$(VENV)/bin/cspine report $(WORK) --data $(DATA)
+
+summary: install  ## print the short run summary (stage-1 Dice, metric vs baseline, AUC, output paths) of WORK
+	$(VENV)/bin/cspine summary $(WORK) --data $(DATA)

@@ -1,0 +1,34 @@
+"""``cspine export-bundle WORK OUT``: pack a run's checkpoints for ``cspine predict --bundle``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+NAME = "export-bundle"
+HELP = "copy a run's stage-1/stage-2 checkpoints, stacker and crop settings into one folder"
+DESCRIPTION = (
+    "Write OUT/ with stage1.ckpt, stage2_fold<k>.ckpt (each fold's chosen checkpoint), "
+    "stacker.json and bundle.json (crop settings, patient_overall rule, provenance) from the "
+    "training folder WORK; `cspine predict STUDY --out DIR --bundle OUT` then needs nothing "
+    "else. An existing OUT is replaced only when the new bundle is complete.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("work", type=Path, metavar="WORK", help="training folder (work/demo)")
+    parser.add_argument("out", type=Path, metavar="OUT", help="bundle folder to write")
+
+
+def run(args: argparse.Namespace) -> int:
+    from cspine.bundle import export_bundle
+    from cspine.predict import PredictError
+
+    try:
+        path = export_bundle(args.work, args.out)
+    except PredictError as err:
+        print(f"cspine export-bundle: error: {err}", file=sys.stderr)
+        return 2
+    size = sum(p.stat().st_size for p in args.out.iterdir()) / 1e6
+    print(f"wrote {path.parent} ({size:.1f} MB)")
+    return 0

@@ -1,0 +1,140 @@
+"""The overview PNG of one prediction: sagittal view with labelled vertebrae + flagged axials.
+
+Left panel: the sagittal CT slice through the middle of the predicted cervical spine (bone
+window), each predicted vertebra tinted in its own colour and labelled ``C3 0.82`` with its
+fracture probability (red text when flagged, i.e. p ≥ threshold). Right panels: for each flagged
+vertebra, the axial slice through the centre of that vertebra (no saliency is computed) with the
+vertebra outlined.
+
+The CT is shown in an L, P, S axis order (:func:`common.geometry.reorient`, an exact
+permutation), with pixel aspect from the voxel spacing: anterior is left, superior is up in the
+sagittal panel; the patient's right is on the image left in the axial panels (radiological view).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+import numpy as np
+
+from common import geometry
+from common.geometry import Volume
+from common.labels import OVERALL, VERTEBRAE
+
+#: Display window (level, width) in HU.
+BONE_DISPLAY = (400.0, 1800.0)
+#: One colour per vertebra C1..C7 (matplotlib tab10 without red, which marks flagged labels).
+COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+
+
+def _window(hu: np.ndarray) -> np.ndarray:
+    level, width = BONE_DISPLAY
+    return np.clip((hu.astype(np.float32) - level + width / 2) / width, 0, 1)
+
+
+def _tint(gray: np.ndarray, labels: np.ndarray, alpha: float = 0.35) -> np.ndarray:
+    """RGB image: grey CT with each label 1..7 blended in its colour."""
+    from matplotlib.colors import to_rgb
+
+    rgb = np.repeat(gray[..., None], 3, axis=-1)
+    for i, colour in enumerate(COLOURS, start=1):
+        sel = labels == i
+        if sel.any():
+            rgb[sel] = (1 - alpha) * rgb[sel] + alpha * np.asarray(to_rgb(colour))
+    return rgb
+
+
+def render_overview(path: str | os.PathLike, volume: Volume, grid_mask: np.ndarray,
+                    grid_affine: np.ndarray, probs: Mapping[str, float],
+                    threshold: float, title: str = "") -> None:
+    """Write the overview PNG (atomically).
+
+    Args:
+        path: output ``.png``.
+        volume: the CT (int16 HU (X, Y, Z) with its affine).
+        grid_mask: uint8 (X', Y', Z') stage-1 classes on the model grid.
+        grid_affine: the model grid's affine (voxel → RAS mm).
+        probs: probability per target (C1..C7, patient_overall).
+        threshold: flag vertebrae with p ≥ threshold.
+        title: figure title (study name).
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from common.atomic import atomic_path
+
+    hu, affine = geometry.reorient(volume.hu, volume.affine, "LPS")
+    mask, _ = geometry.map_labels_to_grid(grid_mask, grid_affine, affine, hu.shape)
+    sx, sy, sz = geometry.spacing_of(affine)
+    nx, ny, nz = hu.shape
+    present = [v for i, v in enumerate(VERTEBRAE, start=1) if (mask == i).any()]
+    flagged = [v for v in present if probs.get(v, 0.0) >= threshold]
+    spine = np.argwhere((mask > 0) & (mask <= len(VERTEBRAE)))
+    x_mid = int(np.median(spine[:, 0])) if len(spine) else nx // 2
+
+    n_ax = len(flagged)
+    cols = min(3, n_ax)
+    rows = max(1, -(-n_ax // 3))
+    fig = plt.figure(figsize=(4.6 + 3.0 * cols, max(6.2, 3.1 * rows)))
+    grid = fig.add_gridspec(rows, 1 + cols, width_ratios=[1.6] + [1.0] * cols)
+    ax = fig.add_subplot(grid[:, 0])
+    # sagittal plane at x = x_mid: rows = Z (superior up), columns = Y (anterior left).
+    sag = _tint(_window(hu[x_mid]).T, mask[x_mid].T)
+    ax.imshow(sag, origin="lower", extent=(0, ny * sy, 0, nz * sz), interpolation="nearest")
+    centres = {}
+    for i, v in enumerate(VERTEBRAE, start=1):
+        pts = np.argwhere(mask == i)
+        if len(pts):
+            centres[v] = (pts[:, 1].mean() * sy, pts[:, 2].mean() * sz)
+    for v, (y, z), z_text in zip(centres, centres.values(),
+                                 _spread([c[1] for c in centres.values()], nz * sz * 0.055)):
+        hot = v in flagged
+        colour = "#d62728" if hot else COLOURS[VERTEBRAE.index(v)]
+        ax.annotate(f"{v} {probs.get(v, float('nan')):.2f}", xy=(y, z),
+                    xytext=(ny * sy * 0.03, z_text), textcoords="data", va="center", fontsize=9,
+                    color="white", fontweight="bold" if hot else "normal",
+                    arrowprops={"arrowstyle": "-", "color": colour, "lw": 0.8},
+                    bbox={"boxstyle": "round,pad=0.2", "alpha": 0.9, "linewidth": 0,
+                          "facecolor": colour})
+    missing = [v for v in VERTEBRAE if v not in present]
+    ax.set_title(f"sagittal (x={x_mid}); patient_overall {probs.get(OVERALL, float('nan')):.2f}"
+                 + (f"\nnot found: {', '.join(missing)}" if missing else ""), fontsize=9)
+    ax.set_xlabel("anterior → posterior (mm)", fontsize=8)
+    ax.set_ylabel("inferior → superior (mm)", fontsize=8)
+    ax.tick_params(labelsize=7)
+
+    for n, v in enumerate(flagged):
+        ax = fig.add_subplot(grid[n // 3, 1 + n % 3])
+        i = VERTEBRAE.index(v) + 1
+        pts = np.argwhere(mask == i)
+        z = int(round(pts[:, 2].mean()))
+        # axial plane at z: rows = Y (anterior up), columns = X (patient right on the left).
+        ax.imshow(_window(hu[:, :, z]).T, cmap="gray", origin="upper",
+                  extent=(0, nx * sx, ny * sy, 0), interpolation="nearest")
+        ax.contour(np.arange(nx) * sx + sx / 2, np.arange(ny) * sy + sy / 2,
+                   (mask[:, :, z] == i).T.astype(float), levels=[0.5], colors=["#d62728"],
+                   linewidths=1.2)
+        ax.set_title(f"{v} p={probs[v]:.2f}, axial z={z} (centre)", fontsize=9)
+        ax.set_axis_off()
+    if not flagged:
+        fig.axes[0].text(0.5, -0.1, f"no vertebra with p ≥ {threshold:.2f}",
+                         transform=fig.axes[0].transAxes, ha="center", fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+
+
+def _spread(values: list[float], gap: float) -> list[float]:
+    """Label positions near ``values`` but at least ``gap`` apart (same order as given)."""
+    order = np.argsort(values)[::-1]
+    out = np.asarray(values, dtype=float).copy()
+    last = np.inf
+    for k in order:
+        out[k] = min(out[k], last - gap)
+        last = out[k]
+    shift = max(0.0, gap / 2 - out.min()) if len(out) else 0.0
+    return list(out + shift)

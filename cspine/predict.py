@@ -1,0 +1,387 @@
+"""Single-study prediction: one CT (DICOM folder or NIfTI file) → probabilities, mask, overview.
+
+``cspine predict STUDY --out OUT`` runs the whole test-time pipeline on one study:
+
+1. load: :func:`common.dicom_io.load_series` (a DICOM folder) or :func:`common.nifti_io.load_nifti`
+   (a ``.nii``/``.nii.gz`` CT in HU; reoriented to the DICOM axial axis order L, P, S so that the
+   crops look like the training crops);
+2. stage 1: :func:`stage1_segment.inference.segment_to_grid` (C1–C7 labels on the model grid);
+3. crops: :func:`stage1_segment.crops.crops_for_volume` with the crop settings the stage-2 models
+   were trained on;
+4. stage 2: :func:`stage2_classify.inference.score_crops` (fold models averaged, the run's
+   ``patient_overall`` rule).
+
+Outputs, written into a temporary sibling folder and moved into ``OUT`` only when complete:
+
+* ``probabilities.json``: ``probabilities`` (C1..C7, patient_overall), ``flagged`` vertebrae
+  (p ≥ threshold), vertebrae found by stage 1, timings (s), versions and the models used;
+* ``vertebrae_mask.nii.gz``: uint8 classes (0 background, 1..7 = C1..C7) on the input's own voxel
+  grid with the input's affine, so it overlays the CT in ITK-SNAP / 3D Slicer;
+* ``overview.png``: see :mod:`cspine.overview`.
+
+The checkpoints come from a training folder (:func:`models_from_work`) or a bundle written by
+``cspine export-bundle`` (:func:`models_from_bundle`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.labels import OVERALL, TARGETS, VERTEBRAE
+
+#: Default probability above which a vertebra is "flagged" in the overview.
+DEFAULT_THRESHOLD = 0.5
+OUTPUT_FILES = ("probabilities.json", "vertebrae_mask.nii.gz", "overview.png")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+class PredictError(RuntimeError):
+    """Input or model problem that stops a prediction; the message is one line for the user."""
+
+
+def one_line(text: str) -> str:
+    """``text`` with its lines joined by spaces (error messages are printed on one line)."""
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+@dataclass
+class ModelSpec:
+    """Where the trained models are and how their outputs are combined.
+
+    Attributes:
+        stage1: stage-1 checkpoint (``.ckpt``).
+        stage2: stage-2 fold checkpoints (averaged in probability space).
+        crops: crop settings of ``stage1_segment.crops.CropConfig`` used to train stage 2.
+        rule: ``patient_overall`` rule (``stacker`` when a stacker file is given, else noisy_or).
+        stacker: ``stacker.json`` fitted by ``make evaluate`` (None: not used).
+        source: the WORK folder or bundle the spec was read from.
+    """
+
+    stage1: Path
+    stage2: list[Path]
+    crops: dict[str, Any] = field(default_factory=dict)
+    rule: str = "noisy_or"
+    stacker: Path | None = None
+    source: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["stage1"] = str(self.stage1)
+        d["stage2"] = [str(p) for p in self.stage2]
+        d["stacker"] = str(self.stacker) if self.stacker else None
+        return d
+
+
+def _existing(path: str | os.PathLike, *fallbacks: Path) -> Path:
+    """``path`` if it exists, else the first fallback that does (moved WORK folders)."""
+    for cand in (Path(path), *fallbacks):
+        if cand.is_file():
+            return cand
+    raise PredictError(f"checkpoint {path} not found (nor {', '.join(map(str, fallbacks))})")
+
+
+def models_from_work(work: str | os.PathLike) -> ModelSpec:
+    """The models of a training run folder ``WORK`` (``make demo`` / the stage targets).
+
+    Stage 1: ``WORK/stage1/run.json`` → ``best_checkpoint`` (else ``checkpoints/last.ckpt``);
+    stage 2: every ``WORK/stage2/fold<k>/run.json`` → ``checkpoint``; crop settings from
+    ``WORK/stage1/crops/run.json``; ``WORK/stage2/stacker.json`` when present.
+
+    Raises:
+        PredictError: naming the missing file and the make target that writes it.
+    """
+    work = Path(work)
+    s1 = work / "stage1"
+    if (s1 / "run.json").is_file():
+        best = json.loads((s1 / "run.json").read_text()).get("best_checkpoint") or ""
+        stage1 = _existing(best or s1 / "checkpoints" / "last.ckpt",
+                           s1 / "checkpoints" / Path(best).name, s1 / "checkpoints" / "last.ckpt")
+    elif (s1 / "checkpoints" / "last.ckpt").is_file():
+        stage1 = s1 / "checkpoints" / "last.ckpt"
+    else:
+        raise PredictError(f"no stage-1 model in {s1} (run.json or checkpoints/last.ckpt): "
+                           f"run `make stage1-fit WORK={work}` or pass --stage1-ckpt")
+    stage2 = []
+    for run in sorted((work / "stage2").glob("fold*/run.json")):
+        ckpt = json.loads(run.read_text())["checkpoint"]
+        stage2.append(_existing(ckpt, run.parent / "checkpoints" / Path(ckpt).name))
+    if not stage2:
+        raise PredictError(f"no stage-2 fold runs in {work / 'stage2'} (fold<k>/run.json): run "
+                           f"`make stage2-fit WORK={work}` or pass --stage2-ckpt")
+    crops_run = s1 / "crops" / "run.json"
+    crops = json.loads(crops_run.read_text()).get("crops", {}) if crops_run.is_file() else {}
+    stacker = work / "stage2" / "stacker.json"
+    return ModelSpec(stage1=stage1, stage2=stage2, crops=crops,
+                     rule="stacker" if stacker.is_file() else "noisy_or",
+                     stacker=stacker if stacker.is_file() else None, source=str(work))
+
+
+def models_from_bundle(bundle: str | os.PathLike) -> ModelSpec:
+    """The models of a bundle folder written by ``cspine export-bundle`` (``bundle.json``)."""
+    bundle = Path(bundle)
+    meta_path = bundle / "bundle.json"
+    if not meta_path.is_file():
+        raise PredictError(f"{bundle} is not a cspine bundle (no bundle.json): write one with "
+                           f"`cspine export-bundle WORK {bundle}`")
+    meta = json.loads(meta_path.read_text())
+    return ModelSpec(stage1=_existing(bundle / meta["stage1"]),
+                     stage2=[_existing(bundle / p) for p in meta["stage2"]],
+                     crops=meta.get("crops", {}), rule=meta.get("rule", "noisy_or"),
+                     stacker=bundle / meta["stacker"] if meta.get("stacker") else None,
+                     source=str(bundle))
+
+
+def load_input(path: str | os.PathLike, lenient: bool = False):
+    """Load a DICOM study folder or a NIfTI CT as a :class:`common.geometry.Volume`.
+
+    A NIfTI volume is reoriented (exact axis permutation, no interpolation) to L, P, S — the
+    axis order of an axial DICOM stack (column, row, ascending slice) that the models saw.
+
+    Raises:
+        PredictError: missing path, unsupported file, unreadable series (one line with the
+            study, the file and the reason code).
+    """
+    from common import geometry
+    from common.dicom_io import SeriesError, load_series
+
+    path = Path(path)
+    if not path.exists():
+        raise PredictError(f"{path}: no such file or folder")
+    if path.is_file():
+        if not path.name.endswith(NIFTI_SUFFIXES):
+            raise PredictError(f"{path}: not a study folder nor a NIfTI file (.nii/.nii.gz); "
+                               f"pass the folder holding the study's DICOM slices")
+        from common.nifti_io import load_nifti
+
+        try:
+            array, affine = load_nifti(path)
+        except Exception as exc:  # nibabel raises many types for broken files
+            raise PredictError(one_line(f"{path}: unreadable NIfTI: {exc}")) from None
+        array = np.asarray(array)
+        while array.ndim > 3 and array.shape[-1] == 1:
+            array = array[..., 0]
+        if array.ndim != 3:
+            raise PredictError(f"{path}: expected a 3D CT volume, got shape {array.shape}")
+        hu, lps_affine = geometry.reorient(np.asarray(array, dtype=np.float32), affine, "LPS")
+        hu = np.clip(np.rint(hu), -32768, 32767).astype(np.int16)
+        uid = path.name[:-len(".nii.gz")] if path.name.endswith(".gz") else path.stem
+        return geometry.Volume(hu=hu, affine=lps_affine, study_uid=uid,
+                               file_numbers=np.arange(hu.shape[2], dtype=np.int64),
+                               qc={"source": "nifti", "shape": list(hu.shape),
+                                   "input_shape": list(array.shape),
+                                   "input_affine": np.asarray(affine).tolist(),
+                                   "input_axcodes": geometry.axcodes(affine)})
+    try:
+        return load_series(path, lenient=lenient)
+    except SeriesError as err:
+        skipped = [f"{s.get('file')} ({s.get('reason')})" for s in
+                   err.qc.get("files_skipped", []) if isinstance(s, dict)]
+        extra = f"; skipped files: {', '.join(skipped[:3])}" if skipped else ""
+        hint = "" if lenient else " (try --lenient to repair what is well defined)"
+        raise PredictError(f"{one_line(str(err))}{extra}{hint}") from None
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("cspine", "torch", "monai", "pytorch-lightning", "numpy", "pydicom", "nibabel"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = ""
+    return out
+
+
+def _crop_config(crops: dict[str, Any]):
+    from stage1_segment.crops import CropConfig
+
+    known = {k: v for k, v in crops.items() if k in CropConfig.__dataclass_fields__}
+    if "shape" in known:
+        known["shape"] = tuple(known["shape"])
+    return CropConfig(**known)
+
+
+class Predictor:
+    """Loaded models, reusable over many studies (load once, predict many).
+
+    Args:
+        spec: the models (:func:`models_from_work` / :func:`models_from_bundle`).
+        device: ``cpu`` or ``cuda``.
+    """
+
+    def __init__(self, spec: ModelSpec, device: str = "cpu"):
+        from stage1_segment.inference import load_model
+        from stage2_classify.aggregate import Stacker
+        from stage2_classify.inference import load_models
+
+        t0 = time.perf_counter()
+        self.spec = spec
+        self.device = device
+        try:
+            self.stage1 = load_model(spec.stage1, map_location=device)
+            self.stage2 = load_models(spec.stage2, map_location=device)
+        except (OSError, KeyError, RuntimeError, ValueError) as exc:
+            raise PredictError(one_line(f"cannot load the models from {spec.source}: {exc}")
+                               ) from None
+        self.stacker = Stacker.load(spec.stacker) if spec.stacker else None
+        self.crop_config = _crop_config(spec.crops)
+        self.load_seconds = time.perf_counter() - t0
+
+    def predict_volume(self, volume) -> dict[str, Any]:
+        """Run stage 1, crops and stage 2 on a loaded volume.
+
+        Returns:
+            ``probabilities`` {target: p}, ``grid_mask`` uint8 (X', Y', Z') with ``grid_affine``
+            (model grid), ``crops`` {vertebra: (image, mask, affine) | None}, ``timing_s``.
+        """
+        from stage1_segment.crops import crops_for_volume
+        from stage1_segment.inference import segment_to_grid
+        from stage2_classify.inference import score_crops
+
+        timing = {}
+        t0 = time.perf_counter()
+        grid_mask, grid_affine = segment_to_grid(self.stage1, volume)
+        timing["stage1"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        crops = crops_for_volume(volume, grid_mask, grid_affine, self.crop_config)
+        timing["crops"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        rule = self.spec.rule if self.stacker is not None or self.spec.rule != "stacker" \
+            else "noisy_or"
+        probs = score_crops(self.stage2, crops, rule=rule, stacker=self.stacker)
+        timing["stage2"] = time.perf_counter() - t0
+        return {"probabilities": probs, "grid_mask": grid_mask, "grid_affine": grid_affine,
+                "crops": crops, "timing_s": timing, "rule": rule}
+
+
+def predict_study(study: str | os.PathLike, out_dir: str | os.PathLike, predictor: Predictor,
+                  threshold: float = DEFAULT_THRESHOLD, lenient: bool = False,
+                  volume=None) -> dict[str, Any]:
+    """Predict one study and write the outputs of the module docstring into ``out_dir``.
+
+    Nothing is written under ``out_dir`` unless every output is complete: the files are made in
+    a temporary sibling folder, which is renamed to ``out_dir`` (or whose files replace those
+    of an existing ``out_dir``).
+
+    Args:
+        study: the DICOM folder or NIfTI file.
+        out_dir: output folder.
+        predictor: loaded models.
+        threshold: flag vertebrae with p ≥ threshold.
+        lenient: lenient DICOM loading.
+        volume: the study already loaded by :func:`load_input` (else it is loaded here).
+
+    Returns:
+        the ``probabilities.json`` document.
+
+    Raises:
+        PredictError: unreadable input (one line naming the study, file and problem).
+    """
+    from common import geometry
+    from common.nifti_io import save_nifti
+    from cspine.overview import render_overview
+
+    t_start = time.perf_counter()
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PredictError(f"--out {out_dir} exists and is not a folder")
+    t0 = time.perf_counter()
+    if volume is None:
+        volume = load_input(study, lenient=lenient)
+    t_load = volume.qc.get("load_seconds", time.perf_counter() - t0)
+    result = predict_volume_safe(predictor, volume, study)
+    probs = result["probabilities"]
+    original_affine, original_shape = _input_geometry(volume)
+    mask, method = geometry.map_labels_to_grid(result["grid_mask"], result["grid_affine"],
+                                               original_affine, original_shape)
+    found = [v for v in VERTEBRAE if result["crops"].get(v) is not None]
+    flagged = [v for v in VERTEBRAE if probs[v] >= threshold]
+    doc = {
+        "study": volume.study_uid, "input": str(Path(study).resolve()),
+        "probabilities": {t: round(float(probs[t]), 6) for t in TARGETS},
+        "threshold": threshold, "flagged": flagged, "vertebrae_found": found,
+        "vertebrae_missing": [v for v in VERTEBRAE if v not in found],
+        "patient_overall_rule": result["rule"],
+        "mask": {"file": "vertebrae_mask.nii.gz", "shape": list(original_shape),
+                 "values": {str(i + 1): v for i, v in enumerate(VERTEBRAE)},
+                 "mapped_by": method},
+        "overview": {"file": "overview.png",
+                     "axial_slice": "axial slice through the centre of each flagged vertebra "
+                                    "(no saliency)"},
+        "input_qc": {k: volume.qc.get(k) for k in ("status", "reasons", "repairs", "warnings",
+                                                   "shape", "spacing") if k in volume.qc},
+        "models": predictor.spec.to_json(), "device": predictor.device,
+        "timing_s": {"load_models": round(predictor.load_seconds, 3), "load_input": round(t_load, 3),
+                     **{k: round(v, 3) for k, v in result["timing_s"].items()}},
+        "versions": _versions(),
+    }
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        save_nifti(tmp / "vertebrae_mask.nii.gz", mask.astype(np.uint8), original_affine)
+        t0 = time.perf_counter()
+        render_overview(tmp / "overview.png", volume, result["grid_mask"], result["grid_affine"],
+                        probs, threshold, title=volume.study_uid)
+        doc["timing_s"]["overview"] = round(time.perf_counter() - t0, 3)
+        doc["timing_s"]["total"] = round(time.perf_counter() - t_start, 3)
+        (tmp / "probabilities.json").write_text(json.dumps(doc, indent=2) + "\n")
+        _publish(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return doc
+
+
+def predict_volume_safe(predictor: Predictor, volume, study: str | os.PathLike) -> dict[str, Any]:
+    """:meth:`Predictor.predict_volume` with model failures turned into a one-line error."""
+    try:
+        return predictor.predict_volume(volume)
+    except (ValueError, RuntimeError) as exc:
+        raise PredictError(one_line(f"{study}: prediction failed: {exc}")) from None
+
+
+def _input_geometry(volume) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Affine and shape of the input as stored (a NIfTI input before its reorientation)."""
+    if "input_affine" in volume.qc:
+        return np.asarray(volume.qc["input_affine"], dtype=np.float64), \
+            tuple(volume.qc["input_shape"])
+    return volume.affine, volume.shape
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    """Move the finished outputs into ``out_dir`` (rename the folder, or replace file by file)."""
+    for name in OUTPUT_FILES:
+        os.chmod(tmp / name, 0o644)
+    if not out_dir.exists():
+        os.chmod(tmp, 0o755)
+        os.rename(tmp, out_dir)
+        return
+    for name in OUTPUT_FILES:
+        os.replace(tmp / name, out_dir / name)
+
+
+def format_result(doc: dict[str, Any], out_dir: str | os.PathLike) -> str:
+    """The printed summary of one prediction."""
+    p = doc["probabilities"]
+    lines = [f"study {doc['study']}: vertebrae found {','.join(doc['vertebrae_found']) or 'none'}"]
+    lines.append("  ".join(f"{t}={p[t]:.3f}" for t in VERTEBRAE))
+    lines.append(f"patient_overall={p[OVERALL]:.3f} ({doc['patient_overall_rule']}); flagged "
+                 f"(p >= {doc['threshold']}): {', '.join(doc['flagged']) or 'none'}")
+    t = doc["timing_s"]
+    lines.append(f"time: {t['total']:.1f} s for the study (load {t['load_input']:.1f}, stage 1 "
+                 f"{t['stage1']:.1f}, crops {t['crops']:.1f}, stage 2 {t['stage2']:.1f}, overview "
+                 f"{t['overview']:.1f}) + {t['load_models']:.1f} s loading models on "
+                 f"{doc['device']}")
+    lines.append(f"wrote {Path(out_dir) / 'probabilities.json'}, vertebrae_mask.nii.gz, "
+                 f"overview.png")
+    return "\n".join(lines)

@@ -1,0 +1,116 @@
+"""Read the records of a pipeline run (``WORK``) and print the short end-of-demo summary.
+
+What a run folder holds (written by the stage targets; every one is optional here):
+
+* ``WORK/stage1/run.json``: ``best_val`` with ``val/dice_C1`` … ``val/dice_mean`` (validation fold
+  of the best stage-1 checkpoint) and the resolved ``config`` (``data.val_fold``);
+* ``WORK/metrics.json``: stage-2 out-of-fold competition metric (``comp_loss``,
+  ``comp_loss_global``), ``baseline_prevalence``, ``rules`` and ``auc`` per target;
+* ``WORK/submission.csv``, ``WORK/oof.csv``, ``WORK/report/index.html``;
+* the offline W&B runs under ``WORK/stage1/wandb`` and ``WORK/stage2/fold<k>/wandb``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from common.labels import OVERALL, TARGETS, VERTEBRAE
+
+
+def _json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def stage1_dice(work: str | os.PathLike) -> dict[str, Any] | None:
+    """Stage-1 validation Dice per vertebra from ``WORK/stage1/run.json``.
+
+    Returns:
+        ``{"dice": {C1..C7: float}, "mean": float, "fold": int | None, "checkpoint": str}``, or
+        None when stage 1 has not finished a fit.
+    """
+    run = _json(Path(work) / "stage1" / "run.json")
+    if not run or not run.get("best_val"):
+        return None
+    val = run["best_val"]
+    dice = {v: float(val[f"val/dice_{v}"]) for v in VERTEBRAE if f"val/dice_{v}" in val}
+    config = run.get("config") or {}
+    config = config.get("fit", config)  # the LightningCLI dump is keyed by subcommand
+    fold = (config.get("data") or {}).get("val_fold")
+    mean = val.get("val/dice_mean", sum(dice.values()) / len(dice) if dice else math.nan)
+    return {"dice": dice, "mean": float(mean), "fold": fold,
+            "checkpoint": run.get("best_checkpoint", ""), "epochs": run.get("epochs")}
+
+
+def stage2_metrics(work: str | os.PathLike) -> dict[str, Any] | None:
+    """``WORK/metrics.json`` (written by ``make evaluate``), or None."""
+    return _json(Path(work) / "metrics.json")
+
+
+def wandb_runs(work: str | os.PathLike) -> list[Path]:
+    """Offline W&B run folders of both stages (``offline-run-*``), oldest first."""
+    work = Path(work)
+    runs = list((work / "stage1" / "wandb").glob("offline-run-*"))
+    runs += list((work / "stage2").glob("fold*/wandb/offline-run-*"))
+    runs += list((work / "wandb").glob("offline-run-*"))
+    return sorted(runs, key=lambda p: p.name)
+
+
+def outputs(work: str | os.PathLike) -> dict[str, Path]:
+    """The run's main output files that exist."""
+    work = Path(work)
+    cands = {"submission": work / "submission.csv", "oof": work / "oof.csv",
+             "metrics": work / "metrics.json", "report": work / "report" / "index.html",
+             "stage1 checkpoints": work / "stage1" / "checkpoints",
+             "stage2 checkpoints": work / "stage2", "crop manifest":
+             work / "stage1" / "crops" / "vertebrae.csv"}
+    return {k: p for k, p in cands.items() if p.exists()}
+
+
+def _f(x: float | None, nd: int = 3) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
+
+
+def format_summary(work: str | os.PathLike, seconds: float | None = None) -> str:
+    """The printed summary of a run folder (missing parts are said to be missing)."""
+    work = Path(work)
+    lines = [f"=== cspine run summary: {work} ==="]
+    s1 = stage1_dice(work)
+    if s1:
+        fold = f"fold {s1['fold']}" if s1["fold"] is not None else "validation"
+        lines.append(f"stage 1 Dice ({fold}, best checkpoint): "
+                     + "  ".join(f"{v}={s1['dice'][v]:.3f}" for v in s1["dice"])
+                     + f"  mean={s1['mean']:.3f}")
+    else:
+        lines.append(f"stage 1: no finished fit ({work / 'stage1' / 'run.json'} missing)")
+    m = stage2_metrics(work)
+    if m:
+        base = m.get("baseline_prevalence", {})
+        lines.append(f"stage 2 out-of-fold, {m.get('n_studies')} studies, {m.get('n_folds')} "
+                     f"folds, patient_overall rule {m.get('rule')}:")
+        lines.append(f"  competition loss (per study)  model {_f(m.get('comp_loss'), 4)}   "
+                     f"constant-prevalence baseline {_f(base.get('comp_loss'), 4)}")
+        lines.append(f"  competition loss (global)     model {_f(m.get('comp_loss_global'), 4)}"
+                     f"   baseline {_f(base.get('comp_loss_global'), 4)}")
+        auc = m.get("auc", {})
+        lines.append("  AUC " + "  ".join(
+            f"{'overall' if t == OVERALL else t}={_f(auc.get(t))}" for t in TARGETS)
+            + f"  mean C1-C7={_f(auc.get('mean_vertebra'))}")
+    else:
+        lines.append(f"stage 2: not evaluated ({work / 'metrics.json'} missing)")
+    outs = outputs(work)
+    lines.append("outputs: " + ", ".join(f"{k} {p}" for k, p in outs.items()))
+    runs = wandb_runs(work)
+    if runs:
+        lines.append(f"W&B: {len(runs)} offline runs; upload with "
+                     f"`wandb sync {work}/stage1/wandb/offline-run-* "
+                     f"{work}/stage2/fold*/wandb/offline-run-*`")
+    if seconds is not None:
+        lines.append(f"total time: {seconds / 60:.1f} min ({seconds:.0f} s)")
+    return "\n".join(lines)

@@ -1,0 +1,151 @@
+"""``cspine predict`` and ``cspine export-bundle`` on a synthetic study, the real
+TotalSegmentator CT (DICOM and NIfTI) and bad inputs.
+
+The models come from a real (very short) training run through the stages' own entry points on
+the ``tiny`` preset (session fixture ``trained_work``): what they predict does not matter here;
+the outputs' presence, geometry and atomicity do.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from common.labels import TARGETS
+from cspine.cli import main as cspine_main
+from e2e_fixtures import trained_run
+
+
+
+@pytest.fixture(scope="session")
+def trained_work(tiny_data, tmp_path_factory) -> Path:
+    """WORK of a few-step run of both stages on ``tiny`` (shared, see e2e_fixtures)."""
+    return trained_run(tiny_data, tmp_path_factory)
+
+
+def _check_outputs(out: Path, ct_affine: np.ndarray, ct_shape: tuple[int, ...]) -> dict:
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["probabilities.json", "vertebrae_mask.nii.gz", "overview.png"])
+    doc = json.loads((out / "probabilities.json").read_text())
+    probs = doc["probabilities"]
+    assert list(probs) == list(TARGETS)
+    assert all(0.0 <= probs[t] <= 1.0 for t in TARGETS)
+    assert {"total", "stage1", "stage2", "load_input"} <= set(doc["timing_s"])
+    assert doc["versions"]["torch"]
+    img = nib.load(out / "vertebrae_mask.nii.gz")
+    assert img.shape == tuple(ct_shape) and img.get_data_dtype() == np.uint8
+    assert np.allclose(img.affine, ct_affine, atol=1e-4)
+    assert np.allclose(img.get_qform(), img.get_sform(), atol=1e-4)
+    assert set(np.unique(np.asarray(img.dataobj))) <= set(range(8))
+    png = (out / "overview.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    return doc
+
+
+def test_predict_synthetic_study(trained_work, tiny_data, tmp_path, capsys):
+    from common.dicom_io import load_series
+
+    study = sorted((tiny_data / "test_images").iterdir())[0]
+    out = tmp_path / "pred"
+    assert cspine_main(["predict", str(study), "--out", str(out), "--work", str(trained_work),
+                        "--threshold", "0.0", "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "time:" in printed and "patient_overall=" in printed
+    volume = load_series(study)
+    doc = _check_outputs(out, volume.affine, volume.shape)
+    assert doc["study"] == study.name and doc["patient_overall_rule"] == "stacker"
+    # threshold 0: every vertebra stage 1 found is flagged (one axial panel each)
+    assert doc["flagged"] == [v for v in doc["probabilities"] if v != "patient_overall"]
+    # the mask written in CT geometry equals stage 1's own CT-grid inference
+    from stage1_segment.inference import load_model, segment_volume
+
+    model = load_model(doc["models"]["stage1"])
+    mask = np.asarray(nib.load(out / "vertebrae_mask.nii.gz").dataobj)
+    assert np.array_equal(mask, segment_volume(model, volume))
+    # a second run into the same folder replaces the outputs and leaves no temp folder
+    assert cspine_main(["predict", str(study), "--out", str(out), "--work",
+                        str(trained_work)]) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["pred"]
+
+
+def test_export_bundle_then_predict(trained_work, tiny_data, tmp_path):
+    bundle = tmp_path / "bundle"
+    assert cspine_main(["export-bundle", str(trained_work), str(bundle)]) == 0
+    meta = json.loads((bundle / "bundle.json").read_text())
+    assert meta["stage2"] == ["stage2_fold0.ckpt", "stage2_fold1.ckpt"]
+    assert meta["crops"]["shape"] == [16, 16, 12] and meta["stacker"] == "stacker.json"
+    moved = tmp_path / "elsewhere"
+    shutil.move(bundle, moved)  # a bundle is self-contained
+    study = sorted((tiny_data / "test_images").iterdir())[-1]
+    out = tmp_path / "pred"
+    assert cspine_main(["predict", str(study), "--out", str(out), "--bundle", str(moved)]) == 0
+    doc = json.loads((out / "probabilities.json").read_text())
+    assert doc["models"]["source"] == str(moved)
+
+
+def test_predict_real_totalsegmentator_dicom(trained_work, realdata, tmp_path):
+    """A real J2K CT series (20 slices, empty SOPClassUID): runs, outputs in the CT's geometry."""
+    from common.dicom_io import load_series
+
+    study = realdata / "totalsegmentator" / "example_ct_dicom"
+    out = tmp_path / "ts"
+    assert cspine_main(["predict", str(study), "--out", str(out), "--work",
+                        str(trained_work)]) == 0
+    volume = load_series(study)
+    assert volume.shape == (512, 512, 20)
+    _check_outputs(out, volume.affine, volume.shape)
+
+
+def test_predict_real_nifti_ct(trained_work, realdata, tmp_path):
+    """A NIfTI CT keeps its own (RAS) geometry in the output mask."""
+    path = realdata / "totalsegmentator" / "example_ct_sm.nii.gz"
+    img = nib.load(path)
+    out = tmp_path / "nii"
+    assert cspine_main(["predict", str(path), "--out", str(out), "--work",
+                        str(trained_work)]) == 0
+    doc = _check_outputs(out, img.affine, img.shape)
+    assert doc["study"] == "example_ct_sm"
+
+
+@pytest.mark.parametrize("case", ["missing", "not_dicom", "two_series", "truncated",
+                                  "text_file", "no_models"])
+def test_bad_input_one_line_error(case, trained_work, realdata, tmp_path, capsys):
+    study = tmp_path / "study"
+    work = trained_work
+    if case == "not_dicom":
+        study.mkdir()
+        (study / "notes.txt").write_text("not an image\n")
+    elif case == "two_series":
+        study.mkdir()
+        for src in ("totalsegmentator/example_ct_dicom", "pydicom/dicomdirtests_98892001_CT5N"):
+            for f in sorted((realdata / src).iterdir())[:3]:
+                shutil.copy(f, study / f"{src.split('/')[0]}_{f.name}")
+    elif case == "truncated":
+        shutil.copytree(realdata / "totalsegmentator" / "example_ct_dicom", study)
+        victim = sorted(study.iterdir())[5]
+        data = victim.read_bytes()
+        victim.write_bytes(data[:len(data) // 2])
+    elif case == "text_file":
+        study = tmp_path / "scan.txt"
+        study.write_text("hello\n")
+    elif case == "no_models":
+        study = realdata / "totalsegmentator" / "example_ct_dicom"
+        work = tmp_path / "empty_work"
+        work.mkdir()
+    out = tmp_path / "out"
+    assert cspine_main(["predict", str(study), "--out", str(out), "--work", str(work)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in lines if line.startswith("cspine predict: error:")]
+    assert len(errors) == 1 and errors[0] == lines[-1]  # (a C decoder may print before it)
+    err = errors[0]
+    expected = {"missing": "no such file", "not_dicom": "no_images",
+                "two_series": "multiple_series", "truncated": "corrupt_file",
+                "text_file": "not a study folder", "no_models": "stage-1 model"}[case]
+    assert expected in err, err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
