@@ -14,7 +14,9 @@ numbering, compression and fractures).
 from __future__ import annotations
 
 import json
+import multiprocessing
 import shutil
+import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Iterable
@@ -136,7 +138,7 @@ def _run(cfg: SynthConfig, out: Path, todo: list[StudyPlan], progress: bool
                     yield plan.uid, exc
                 bar.update()
             return
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context()) as pool:
             futures = {pool.submit(write_study, cfg, plan, out): plan.uid for plan in todo}
             for fut in as_completed(futures):
                 exc = fut.exception()
@@ -144,6 +146,16 @@ def _run(cfg: SynthConfig, out: Path, todo: list[StudyPlan], progress: bool
                 bar.update()
     finally:
         bar.close()
+
+
+def _mp_context() -> multiprocessing.context.BaseContext:
+    """Workers that never inherit the caller's threads (torch, OpenMP): forkserver on Linux,
+    with this module imported once in the server so workers start warm; spawn elsewhere."""
+    if sys.platform.startswith("linux"):
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["common.synth.dataset"])
+        return ctx
+    return multiprocessing.get_context("spawn")
 
 
 def write_study(cfg: SynthConfig, plan: StudyPlan, out: Path) -> dict[str, Any]:
