@@ -294,6 +294,8 @@ def test_demo_plan_counts():
     assert sum(p.jpeg for p in plans) == 33 and sum(p.reversed for p in plans) == 11
     assert {p.start for p in plans} == {1, 2, 59}
     assert all(p.labels[OVERALL] for p in plans if p.boxes)
+    wide = make_config("demo", size=224)  # --size keeps the field of view
+    assert np.allclose(np.array(wide.pixel_spacing) * 224, np.array(cfg.pixel_spacing) * 112)
     with pytest.raises(ValueError, match="jpeg_fraction"):
         make_config("demo", jpeg_fraction=1.5)
     with pytest.raises(ValueError, match="unknown synth option"):

@@ -148,7 +148,8 @@ def make_config(preset: str = "tiny", seed: int = 0, **overrides: Any) -> SynthC
         preset: ``"tiny"``, ``"demo"`` or ``"full"``.
         seed: master seed.
         **overrides: any :class:`SynthConfig` field; ``None`` values are ignored. ``prevalence``
-            may be partial (missing keys keep the preset's values).
+            may be partial (missing keys keep the preset's values). ``size`` without
+            ``pixel_spacing`` keeps the preset's field of view (the pixel spacing scales).
 
     Raises:
         ValueError: unknown preset or field, or a value out of range.
@@ -166,6 +167,9 @@ def make_config(preset: str = "tiny", seed: int = 0, **overrides: Any) -> SynthC
     for k, v in clean.items():
         if isinstance(v, list):
             clean[k] = tuple(v)
+    if "size" in clean and "pixel_spacing" not in clean:  # keep the field of view
+        f = base.size / float(clean["size"])
+        clean["pixel_spacing"] = tuple(round(p * f, 6) for p in base.pixel_spacing)
     cfg = dataclasses.replace(base, seed=int(seed), **clean)
     cfg.validate()
     return cfg

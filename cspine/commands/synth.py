@@ -25,21 +25,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="size preset: tiny (tests, seconds), demo (make demo), full "
                              "(512² × ~300 slices, benchmarks)")
     parser.add_argument("--seed", type=int, default=0, help="master random seed")
-    parser.add_argument("--n-train", type=int, help="number of train studies (preset value)")
-    parser.add_argument("--n-test", type=int, help="number of test studies (preset value)")
-    parser.add_argument("--size", type=int, help="Rows = Columns in pixels (preset value)")
-    parser.add_argument("--max-slices", type=int, help="most slices per study (preset value)")
-    parser.add_argument("--jpeg-fraction", type=float,
+    keep = argparse.SUPPRESS  # unset flags keep the preset's value
+    parser.add_argument("--n-train", type=int, default=keep, help="number of train studies (preset value)")
+    parser.add_argument("--n-test", type=int, default=keep, help="number of test studies (preset value)")
+    parser.add_argument("--size", type=int, default=keep, help="Rows = Columns in pixels (preset value); the field of view is kept, so the "
+                             "pixel spacing scales with it")
+    parser.add_argument("--max-slices", type=int, default=keep, help="most slices per study (preset value)")
+    parser.add_argument("--jpeg-fraction", type=float, default=keep,
                         help="share of studies written JPEG Lossless SV1 (preset: 0.3)")
-    parser.add_argument("--mask-fraction", type=float,
+    parser.add_argument("--mask-fraction", type=float, default=keep,
                         help="share of train studies with a NIfTI mask (preset value)")
-    parser.add_argument("--box-fraction", type=float,
+    parser.add_argument("--box-fraction", type=float, default=keep,
                         help="share of positive train studies with bounding boxes")
-    parser.add_argument("--reversed-fraction", type=float,
+    parser.add_argument("--reversed-fraction", type=float, default=keep,
                         help="share of studies numbered feet-first (preset: 0.1)")
-    parser.add_argument("--prevalence", type=_prevalence, metavar="C1=P,...,patient_overall=P",
+    parser.add_argument("--prevalence", type=_prevalence, default=keep, metavar="C1=P,...,patient_overall=P",
                         help="per-target positive rates (missing keys keep the preset's)")
-    parser.add_argument("--workers", type=int, help="worker processes (preset: 2)")
+    parser.add_argument("--workers", type=int, default=keep, help="worker processes (preset: 2)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a synthetic dataset written with different options")
     parser.add_argument("--figure", type=Path, metavar="PNG",
@@ -64,11 +66,9 @@ def _prevalence(text: str) -> dict[str, float]:
 def run(args: argparse.Namespace) -> int:
     from common.synth import SynthStateError, generate
 
-    overrides = {"n_train": args.n_train, "n_test": args.n_test, "size": args.size,
-                 "max_slices": args.max_slices, "jpeg_fraction": args.jpeg_fraction,
-                 "mask_fraction": args.mask_fraction, "box_fraction": args.box_fraction,
-                 "reversed_fraction": args.reversed_fraction, "prevalence": args.prevalence,
-                 "workers": args.workers}
+    names = ("n_train", "n_test", "size", "max_slices", "jpeg_fraction", "mask_fraction",
+             "box_fraction", "reversed_fraction", "prevalence", "workers")
+    overrides = {n: getattr(args, n) for n in names if hasattr(args, n)}
     start = time.perf_counter()
     try:
         out = generate(args.out_dir, preset=args.preset, seed=args.seed,
