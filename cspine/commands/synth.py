@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     except (SynthStateError, ValueError) as exc:
         print(f"cspine synth: {exc}", file=sys.stderr)
         return 2
-    print(f"cspine synth: wrote {out} ({time.perf_counter() - start:.1f} s)")
+    print(f"cspine synth: {out} is complete ({time.perf_counter() - start:.1f} s)")
     if args.figure is not None:
         from common.synth.figure import make_figure
 
