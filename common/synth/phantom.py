@@ -61,7 +61,7 @@ class Anatomy:
     airway: tuple[float, float] = (8.0, 7.0)
 
     def column_at(self, z: np.ndarray) -> np.ndarray:
-        """Body-centre (x, y) of the column interpolated at heights ``z`` (mm); shape (len(z), 2)."""
+        """Body-centre (x, y) of the column at heights ``z`` (mm), interpolated; (len(z), 2)."""
         c = np.array([v.centre for v in self.vertebrae])
         order = np.argsort(c[:, 2])
         return np.stack([np.interp(z, c[order, 2], c[order, d]) for d in (0, 1)], axis=1)

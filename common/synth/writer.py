@@ -17,7 +17,8 @@ import nibabel as nib
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEGLosslessSV1, PYDICOM_IMPLEMENTATION_UID
+from pydicom.uid import (PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian,
+                         JPEGLosslessSV1)
 
 from common import geometry
 from common.atomic import atomic_path

@@ -26,11 +26,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(512² × ~300 slices, benchmarks)")
     parser.add_argument("--seed", type=int, default=0, help="master random seed")
     keep = argparse.SUPPRESS  # unset flags keep the preset's value
-    parser.add_argument("--n-train", type=int, default=keep, help="number of train studies (preset value)")
-    parser.add_argument("--n-test", type=int, default=keep, help="number of test studies (preset value)")
-    parser.add_argument("--size", type=int, default=keep, help="Rows = Columns in pixels (preset value); the field of view is kept, so the "
-                             "pixel spacing scales with it")
-    parser.add_argument("--max-slices", type=int, default=keep, help="most slices per study (preset value)")
+    parser.add_argument("--n-train", type=int, default=keep,
+                        help="number of train studies (preset value)")
+    parser.add_argument("--n-test", type=int, default=keep,
+                        help="number of test studies (preset value)")
+    parser.add_argument("--size", type=int, default=keep,
+                        help="Rows = Columns in pixels (preset value); the field of view is "
+                             "kept, so the pixel spacing scales with it")
+    parser.add_argument("--max-slices", type=int, default=keep,
+                        help="most slices per study (preset value)")
     parser.add_argument("--jpeg-fraction", type=float, default=keep,
                         help="share of studies written JPEG Lossless SV1 (preset: 0.3)")
     parser.add_argument("--mask-fraction", type=float, default=keep,
@@ -39,9 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="share of positive train studies with bounding boxes")
     parser.add_argument("--reversed-fraction", type=float, default=keep,
                         help="share of studies numbered feet-first (preset: 0.1)")
-    parser.add_argument("--prevalence", type=_prevalence, default=keep, metavar="C1=P,...,patient_overall=P",
+    parser.add_argument("--prevalence", type=_prevalence, default=keep,
+                        metavar="C1=P,...,patient_overall=P",
                         help="per-target positive rates (missing keys keep the preset's)")
-    parser.add_argument("--workers", type=int, default=keep, help="worker processes (preset: 2)")
+    parser.add_argument("--workers", type=int, default=keep,
+                        help="worker processes (preset: 2)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a synthetic dataset written with different options")
     parser.add_argument("--figure", type=Path, metavar="PNG",
