@@ -533,3 +533,11 @@ def resample_stack(hu: np.ndarray, positions_lps_sorted: np.ndarray, iop: Sequen
         w = (t - s[k0]) / (s[k1] - s[k0])
         out[:, :, kk] = np.rint((1.0 - w) * plane(k0) + w * plane(k1))
     return out, affine, source
+
+
+def xyz_slice_to_pixels(volume: np.ndarray, k: int) -> np.ndarray:
+    """Sorted slice ``k`` of an (X, Y, Z) array as a DICOM pixel matrix (Rows, Columns) = (Y, X).
+
+    The inverse of :func:`stack_to_xyz` for one slice: what a DICOM writer stores for slice k.
+    """
+    return np.ascontiguousarray(np.asarray(volume)[:, :, k].T)

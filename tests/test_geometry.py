@@ -169,3 +169,11 @@ def test_resample_to_grid_subregion_equals_full_transform(order):
         np.testing.assert_array_equal(got, want)
     far = g.translate_affine(src_aff, (500, 500, 500))
     assert (g.resample_to_grid(src, src_aff, far, (3, 3, 3), cval=-7.0) == -7.0).all()
+
+
+def test_xyz_slice_to_pixels_inverts_stack_to_xyz():
+    stack = np.arange(3 * 4 * 5).reshape(3, 4, 5)  # (Z, rows, cols)
+    xyz = g.stack_to_xyz(stack)
+    for k in range(3):
+        np.testing.assert_array_equal(g.xyz_slice_to_pixels(xyz, k), stack[k])
+    assert g.xyz_slice_to_pixels(xyz, 1).shape == (4, 5)

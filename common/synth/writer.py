@@ -118,7 +118,8 @@ def write_series(study_dir: Path, study_uid: str, hu: np.ndarray, affine: np.nda
 
     Args:
         study_dir: the study folder (created).
-        hu: int16 (X, Y, Z) HU; a slice is stored transposed to (Rows, Columns) = (Y, X).
+        hu: int16 (X, Y, Z) HU; slice k is stored as (Rows, Columns) = (Y, X) by
+            :func:`common.geometry.xyz_slice_to_pixels`.
         affine: the CT RAS affine; ImagePositionPatient comes from
             :func:`common.geometry.dicom_position_of_slice`.
         file_numbers: (Z,) file number of each sorted slice.
@@ -127,7 +128,8 @@ def write_series(study_dir: Path, study_uid: str, hu: np.ndarray, affine: np.nda
     study_dir.mkdir(parents=True, exist_ok=True)
     for k in range(hu.shape[2]):
         n = int(file_numbers[k])
-        stored = (hu[:, :, k].astype(np.int32) - RESCALE_INTERCEPT).astype(np.int16).T
+        pixels = geometry.xyz_slice_to_pixels(hu, k)  # (Rows, Columns) = (Y, X)
+        stored = (pixels.astype(np.int32) - RESCALE_INTERCEPT).astype(np.int16)
         ds = slice_dataset(study_uid, n, geometry.dicom_position_of_slice(affine, k),
                            pixel_spacing, thickness, stored)
         final = study_dir / f"{n}.dcm"
