@@ -17,7 +17,9 @@ JPEG Lossless SV1 (1.2.840.10008.1.2.4.70, encoded with python-gdcm by
   ``pydicom loop, pylibjpeg``: the same with pylibjpeg forced (what runs without python-gdcm).
 * ``SimpleITK``: ``ImageSeriesReader`` (GDCM inside; rescaled float32 output).
 
-Every reader's volume is checked against ours before timing counts. The markdown table goes to
+Every reader's volume is checked against ours before timing counts. ``CPU s`` is the CPU time of
+the reader (for ours: the loader plus its worker processes), a check on wall times taken while
+other processes share the machine. The markdown table goes to
 stdout and to ``benchmarks/results/load_series.md``.
 """
 
@@ -114,6 +116,21 @@ def read_sitk(folder: Path) -> np.ndarray:
     return sitk.GetArrayFromImage(reader.Execute()).T
 
 
+def _pool_cpu() -> float:
+    """CPU seconds used so far by the decode pool's worker processes (Linux /proc)."""
+    from common import dicom_decode
+
+    pool = dicom_decode._POOL
+    total = 0.0
+    for pid in (pool._processes if pool is not None else {}):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
 def _versions() -> str:
     import importlib.metadata as md
 
@@ -132,6 +149,7 @@ def benchmark(n: int, repeats: int, workers: int) -> str:
                "pydicom loop, pylibjpeg": lambda f: read_pydicom(f, "pylibjpeg"),
                "SimpleITK": read_sitk}
     times: dict[tuple[str, str], list[float]] = {}
+    cpu: dict[tuple[str, str], list[float]] = {}
     for syntax, folder in folders.items():
         reference = read_cspine(folder, workers)  # warm-up; also the reference volume
         for name, fn in readers.items():
@@ -144,25 +162,29 @@ def benchmark(n: int, repeats: int, workers: int) -> str:
     for _ in range(repeats):
         for syntax, folder in folders.items():
             for name, fn in readers.items():
-                t0 = time.perf_counter()
+                c0, t0 = time.process_time() + _pool_cpu(), time.perf_counter()
                 fn(folder)
                 times.setdefault((name, syntax), []).append(time.perf_counter() - t0)
+                cpu.setdefault((name, syntax), []).append(
+                    time.process_time() + _pool_cpu() - c0)
     shutdown_pool()
     load_after = os.getloadavg()[0]
     med = {k: statistics.median(v) for k, v in times.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     lines = [
         f"Series: {n} slices of 512x512 int16 (synthetic CT); medians of {repeats} interleaved "
         f"rounds after a warm-up; {os.cpu_count()} CPUs, load average {load_before:.1f} before "
         f"/ {load_after:.1f} after (other processes share the CPUs); cspine workers = {workers}; "
         f"decoder: {decoders.summary()}; {platform.python_version()}, {_versions()}.", "",
-        "| reader | syntax | seconds | slices/s | vs pydicom loop | vs SimpleITK |",
-        "|---|---|---|---|---|---|"]
+        "| reader | syntax | seconds | slices/s | vs pydicom loop | vs SimpleITK | CPU s |",
+        "|---|---|---|---|---|---|---|"]
     for syntax in folders:
         for name in readers:
             s = med[(name, syntax)]
             lines.append(
                 f"| {name} | {syntax} | {s:.2f} | {n / s:.0f} | "
-                f"{med[('pydicom loop', syntax)] / s:.2f}x | {med[('SimpleITK', syntax)] / s:.2f}x |")
+                f"{med[('pydicom loop', syntax)] / s:.2f}x | {med[('SimpleITK', syntax)] / s:.2f}x | "
+                f"{med_cpu[(name, syntax)]:.2f} |")
     return "\n".join(lines)
 
 
