@@ -3,8 +3,9 @@
 Left panel: the sagittal CT slice through the middle of the predicted cervical spine (bone
 window), each predicted vertebra tinted in its own colour and labelled ``C3 0.82`` with its
 fracture probability (red text when flagged, i.e. p ≥ threshold). Right panels: for each flagged
-vertebra, the axial slice through the centre of that vertebra (no saliency is computed) with the
-vertebra outlined.
+vertebra, the axial slice of highest suspicion (the slice of largest stage-2 input-gradient
+saliency, :func:`cspine.predict.saliency_points`; the vertebra's centre slice when no point is
+given) with the vertebra outlined.
 
 The CT is shown in an L, P, S axis order (:func:`common.geometry.reorient`, an exact
 permutation), with pixel aspect from the voxel spacing: anterior is left, superior is up in the
@@ -47,7 +48,8 @@ def _tint(gray: np.ndarray, labels: np.ndarray, alpha: float = 0.35) -> np.ndarr
 
 def render_overview(path: str | os.PathLike, volume: Volume, grid_mask: np.ndarray,
                     grid_affine: np.ndarray, probs: Mapping[str, float],
-                    threshold: float, title: str = "") -> None:
+                    threshold: float, title: str = "",
+                    axial_points: Mapping[str, np.ndarray] | None = None) -> None:
     """Write the overview PNG (atomically).
 
     Args:
@@ -58,6 +60,8 @@ def render_overview(path: str | os.PathLike, volume: Volume, grid_mask: np.ndarr
         probs: probability per target (C1..C7, patient_overall).
         threshold: flag vertebrae with p ≥ threshold.
         title: figure title (study name).
+        axial_points: per flagged vertebra, a world point (RAS mm) whose axial slice to show
+            (the slice of highest stage-2 saliency); vertebrae without one show their centre.
     """
     import matplotlib
     matplotlib.use("Agg")
@@ -77,7 +81,7 @@ def render_overview(path: str | os.PathLike, volume: Volume, grid_mask: np.ndarr
     n_ax = len(flagged)
     cols = min(3, n_ax)
     rows = max(1, -(-n_ax // 3))
-    fig = plt.figure(figsize=(4.6 + 3.0 * cols, max(6.2, 3.1 * rows)))
+    fig = plt.figure(figsize=(4.6 + 3.0 * cols, max(6.2, 3.5 * rows)))
     grid = fig.add_gridspec(rows, 1 + cols, width_ratios=[1.6] + [1.0] * cols)
     ax = fig.add_subplot(grid[:, 0])
     # sagittal plane at x = x_mid: rows = Z (superior up), columns = Y (anterior left).
@@ -109,14 +113,18 @@ def render_overview(path: str | os.PathLike, volume: Volume, grid_mask: np.ndarr
         ax = fig.add_subplot(grid[n // 3, 1 + n % 3])
         i = VERTEBRAE.index(v) + 1
         pts = np.argwhere(mask == i)
-        z = int(round(pts[:, 2].mean()))
+        z, how = int(round(pts[:, 2].mean())), "centre"
+        if axial_points and v in axial_points:
+            ijk = geometry.world_to_voxel(affine, np.asarray(axial_points[v])[None])[0]
+            if 0 <= round(ijk[2]) < nz:
+                z, how = int(round(ijk[2])), "max saliency"
         # axial plane at z: rows = Y (anterior up), columns = X (patient right on the left).
         ax.imshow(_window(hu[:, :, z]).T, cmap="gray", origin="upper",
                   extent=(0, nx * sx, ny * sy, 0), interpolation="nearest")
         ax.contour(np.arange(nx) * sx + sx / 2, np.arange(ny) * sy + sy / 2,
                    (mask[:, :, z] == i).T.astype(float), levels=[0.5], colors=["#d62728"],
                    linewidths=1.2)
-        ax.set_title(f"{v} p={probs[v]:.2f}, axial z={z} (centre)", fontsize=9)
+        ax.set_title(f"{v} p={probs[v]:.2f}, axial z={z} ({how})", fontsize=9)
         ax.set_axis_off()
     if not flagged:
         fig.axes[0].text(0.5, -0.1, f"no vertebra with p ≥ {threshold:.2f}",

@@ -264,6 +264,38 @@ class Predictor:
                 "crops": crops, "timing_s": timing, "rule": rule}
 
 
+def saliency_points(models, crops: dict[str, Any], vertebrae: list[str]
+                    ) -> dict[str, np.ndarray]:
+    """World point (RAS mm) of the axial crop slice where stage 2 looks most, per vertebra.
+
+    Input-gradient saliency: the gradient of the summed fold-model logits with respect to the
+    crop's image channels, |·| summed over channels and the crop's X and Y; the slice with the
+    largest sum is the "slice of highest suspicion". Returns the world position of that slice's
+    centre (crop axes run along the CT axes, so it maps to one CT slice).
+    """
+    import torch
+
+    if not vertebrae:
+        return {}
+    pre = models[0].preprocess
+    n_image = pre.num_image_channels
+    out = {}
+    for v in vertebrae:
+        crop = crops.get(v)
+        if crop is None:
+            continue
+        image, mask, affine = crop
+        x = pre(image, mask, v)[None].requires_grad_(True)
+        index = torch.tensor([VERTEBRAE.index(v)])
+        with torch.enable_grad():
+            torch.stack([m(x, index) for m in models]).sum().backward()
+        per_slice = x.grad[0, :n_image].abs().sum(dim=(0, 1, 2)).numpy()
+        k = int(np.argmax(per_slice))
+        centre = np.array([(image.shape[0] - 1) / 2, (image.shape[1] - 1) / 2, k, 1.0])
+        out[v] = (np.asarray(affine) @ centre)[:3]
+    return out
+
+
 def predict_study(study: str | os.PathLike, out_dir: str | os.PathLike, predictor: Predictor,
                   threshold: float = DEFAULT_THRESHOLD, lenient: bool = False,
                   volume=None) -> dict[str, Any]:
@@ -306,6 +338,9 @@ def predict_study(study: str | os.PathLike, out_dir: str | os.PathLike, predicto
                                                original_affine, original_shape)
     found = [v for v in VERTEBRAE if result["crops"].get(v) is not None]
     flagged = [v for v in VERTEBRAE if probs[v] >= threshold]
+    t0 = time.perf_counter()
+    points = saliency_points(predictor.stage2, result["crops"], flagged)
+    result["timing_s"]["saliency"] = time.perf_counter() - t0
     doc = {
         "study": volume.study_uid, "input": str(Path(study).resolve()),
         "probabilities": {t: round(float(probs[t]), 6) for t in TARGETS},
@@ -316,8 +351,11 @@ def predict_study(study: str | os.PathLike, out_dir: str | os.PathLike, predicto
                  "values": {str(i + 1): v for i, v in enumerate(VERTEBRAE)},
                  "mapped_by": method},
         "overview": {"file": "overview.png",
-                     "axial_slice": "axial slice through the centre of each flagged vertebra "
-                                    "(no saliency)"},
+                     "axial_slice": "per flagged vertebra: the crop slice with the largest "
+                                    "stage-2 input-gradient saliency (the vertebra centre when "
+                                    "it has no crop)",
+                     "axial_points_mm": {v: [round(float(c), 2) for c in p]
+                                         for v, p in points.items()}},
         "input_qc": {k: volume.qc.get(k) for k in ("status", "reasons", "repairs", "warnings",
                                                    "shape", "spacing") if k in volume.qc},
         "models": predictor.spec.to_json(), "device": predictor.device,
@@ -331,7 +369,7 @@ def predict_study(study: str | os.PathLike, out_dir: str | os.PathLike, predicto
         save_nifti(tmp / "vertebrae_mask.nii.gz", mask.astype(np.uint8), original_affine)
         t0 = time.perf_counter()
         render_overview(tmp / "overview.png", volume, result["grid_mask"], result["grid_affine"],
-                        probs, threshold, title=volume.study_uid)
+                        probs, threshold, title=volume.study_uid, axial_points=points)
         doc["timing_s"]["overview"] = round(time.perf_counter() - t0, 3)
         doc["timing_s"]["total"] = round(time.perf_counter() - t_start, 3)
         (tmp / "probabilities.json").write_text(json.dumps(doc, indent=2) + "\n")

@@ -61,6 +61,14 @@ def test_predict_synthetic_study(trained_work, tiny_data, tmp_path, capsys):
     assert doc["study"] == study.name and doc["patient_overall_rule"] == "stacker"
     # threshold 0: every vertebra stage 1 found is flagged (one axial panel each)
     assert doc["flagged"] == [v for v in doc["probabilities"] if v != "patient_overall"]
+    # the axial slice of each flagged vertebra with a crop is its saliency maximum, inside the CT
+    points = doc["overview"]["axial_points_mm"]
+    assert set(points) == set(doc["vertebrae_found"])
+    from common import geometry
+
+    for p in points.values():
+        k = geometry.world_to_voxel(volume.affine, np.asarray([p]))[0][2]
+        assert -0.5 <= k <= volume.shape[2] - 0.5
     # the mask written in CT geometry equals stage 1's own CT-grid inference
     from stage1_segment.inference import load_model, segment_volume
 
