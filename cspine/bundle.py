@@ -1,4 +1,4 @@
-"""``cspine export-bundle WORK OUT``: the trained models of a run in one folder for ``cspine predict``.
+"""``cspine export-bundle WORK OUT``: a run's trained models in one folder for ``cspine predict``.
 
 A bundle holds ``stage1.ckpt``, ``stage2_fold<k>.ckpt`` (the checkpoint each fold run chose),
 ``stacker.json`` (when ``make evaluate`` fitted one) and ``bundle.json`` (file names, crop settings,
@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cspine.predict import ModelSpec, models_from_work
+from cspine.models import ModelSpec, models_from_work
 
 
 def export_bundle(work: str | os.PathLike, out: str | os.PathLike) -> Path:
@@ -24,7 +24,7 @@ def export_bundle(work: str | os.PathLike, out: str | os.PathLike) -> Path:
         the path of ``out/bundle.json``.
 
     Raises:
-        cspine.predict.PredictError: the run has no finished stage-1 or stage-2 model.
+        cspine.models.PredictError: the run has no finished stage-1 or stage-2 model.
     """
     from common.atomic import write_json
 

@@ -359,6 +359,10 @@ def qc_section(work: Path) -> str:
     return "".join(out)
 
 
+def _rel(path: Path, root: Path) -> Path:
+    return path.relative_to(root) if path.is_relative_to(root) else path
+
+
 def write_report(work: str | os.PathLike, data: str | os.PathLike | None = None) -> Path:
     """Build ``WORK/report/index.html`` (module docstring); returns its path."""
     from common.atomic import write_text
@@ -373,7 +377,7 @@ def write_report(work: str | os.PathLike, data: str | os.PathLike | None = None)
              f"<h1>cspine run report: <code>{_esc(work)}</code></h1>",
              f"<p class='note'>data <code>{_esc(data or 'n/a')}</code> · generated "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} · outputs: "
-             + ", ".join(f"{_esc(k)} <code>{_esc(p.relative_to(work) if p.is_relative_to(work) else p)}</code>"
+             + ", ".join(f"{_esc(k)} <code>{_esc(_rel(p, work))}</code>"
                          for k, p in outs.items()) + "</p>",
              census_section(work), stage1_section(work, report_dir),
              stage2_section(work, report_dir), qc_section(work),

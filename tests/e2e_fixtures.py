@@ -13,7 +13,8 @@ import os
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-STAGE1 = ["-c", str(REPO / "configs/stage1/cpu.yaml"), "-c", str(REPO / "configs/smoke/stage1.yaml")]
+STAGE1 = ["-c", str(REPO / "configs/stage1/cpu.yaml"),
+          "-c", str(REPO / "configs/smoke/stage1.yaml")]
 STAGE2 = ["-c", str(REPO / "configs/stage2/cpu.yaml"),
           "-c", str(REPO / "configs/smoke/pipeline_stage2.yaml")]
 _RUNS: dict[str, Path] = {}

@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cspine.bundle import export_bundle
-    from cspine.predict import PredictError
+    from cspine.models import PredictError
 
     try:
         path = export_bundle(args.work, args.out)

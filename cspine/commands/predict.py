@@ -1,4 +1,4 @@
-"""``cspine predict STUDY --out OUT``: fracture probabilities, vertebra mask and overview of one CT."""
+"""``cspine predict STUDY --out OUT``: fracture probabilities, vertebra mask and overview PNG."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _spec(args: argparse.Namespace):
-    from cspine.predict import ModelSpec, models_from_bundle, models_from_work
+    from cspine.models import ModelSpec, models_from_bundle, models_from_work
 
     if args.bundle is not None:
         spec = models_from_bundle(args.bundle)
@@ -61,7 +61,7 @@ def _spec(args: argparse.Namespace):
         spec.stage2 = list(args.stage2_ckpt)
     for path in [spec.stage1, *spec.stage2]:
         if not Path(path).is_file():
-            from cspine.predict import PredictError
+            from cspine.models import PredictError
 
             raise PredictError(f"checkpoint {path} not found")
     return spec

@@ -1,0 +1,111 @@
+"""Where the trained models of a run are: a training folder (``WORK``) or an exported bundle.
+
+:class:`ModelSpec` names the stage-1 checkpoint, the stage-2 fold checkpoints, the crop settings
+stage 2 was trained with, the ``patient_overall`` rule and the stacker; ``cspine predict`` and
+``cspine export-bundle`` read it from a ``WORK`` folder (:func:`models_from_work`) or a bundle
+(:func:`models_from_bundle`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class PredictError(RuntimeError):
+    """Input or model problem that stops a prediction; the message is one line for the user."""
+
+
+def one_line(text: str) -> str:
+    """``text`` with its lines joined by spaces (error messages are printed on one line)."""
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+@dataclass
+class ModelSpec:
+    """Where the trained models are and how their outputs are combined.
+
+    Attributes:
+        stage1: stage-1 checkpoint (``.ckpt``).
+        stage2: stage-2 fold checkpoints (averaged in probability space).
+        crops: crop settings of ``stage1_segment.crops.CropConfig`` used to train stage 2.
+        rule: ``patient_overall`` rule (``stacker`` when a stacker file is given, else noisy_or).
+        stacker: ``stacker.json`` fitted by ``make evaluate`` (None: not used).
+        source: the WORK folder or bundle the spec was read from.
+    """
+
+    stage1: Path
+    stage2: list[Path]
+    crops: dict[str, Any] = field(default_factory=dict)
+    rule: str = "noisy_or"
+    stacker: Path | None = None
+    source: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["stage1"] = str(self.stage1)
+        d["stage2"] = [str(p) for p in self.stage2]
+        d["stacker"] = str(self.stacker) if self.stacker else None
+        return d
+
+
+def _existing(path: str | os.PathLike, *fallbacks: Path) -> Path:
+    """``path`` if it exists, else the first fallback that does (moved WORK folders)."""
+    for cand in (Path(path), *fallbacks):
+        if cand.is_file():
+            return cand
+    raise PredictError(f"checkpoint {path} not found (nor {', '.join(map(str, fallbacks))})")
+
+
+def models_from_work(work: str | os.PathLike) -> ModelSpec:
+    """The models of a training run folder ``WORK`` (``make demo`` / the stage targets).
+
+    Stage 1: ``WORK/stage1/run.json`` → ``best_checkpoint`` (else ``checkpoints/last.ckpt``);
+    stage 2: every ``WORK/stage2/fold<k>/run.json`` → ``checkpoint``; crop settings from
+    ``WORK/stage1/crops/run.json``; ``WORK/stage2/stacker.json`` when present.
+
+    Raises:
+        PredictError: naming the missing file and the make target that writes it.
+    """
+    work = Path(work)
+    s1 = work / "stage1"
+    if (s1 / "run.json").is_file():
+        best = json.loads((s1 / "run.json").read_text()).get("best_checkpoint") or ""
+        stage1 = _existing(best or s1 / "checkpoints" / "last.ckpt",
+                           s1 / "checkpoints" / Path(best).name, s1 / "checkpoints" / "last.ckpt")
+    elif (s1 / "checkpoints" / "last.ckpt").is_file():
+        stage1 = s1 / "checkpoints" / "last.ckpt"
+    else:
+        raise PredictError(f"no stage-1 model in {s1} (run.json or checkpoints/last.ckpt): "
+                           f"run `make stage1-fit WORK={work}` or pass --stage1-ckpt")
+    stage2 = []
+    for run in sorted((work / "stage2").glob("fold*/run.json")):
+        ckpt = json.loads(run.read_text())["checkpoint"]
+        stage2.append(_existing(ckpt, run.parent / "checkpoints" / Path(ckpt).name))
+    if not stage2:
+        raise PredictError(f"no stage-2 fold runs in {work / 'stage2'} (fold<k>/run.json): run "
+                           f"`make stage2-fit WORK={work}` or pass --stage2-ckpt")
+    crops_run = s1 / "crops" / "run.json"
+    crops = json.loads(crops_run.read_text()).get("crops", {}) if crops_run.is_file() else {}
+    stacker = work / "stage2" / "stacker.json"
+    return ModelSpec(stage1=stage1, stage2=stage2, crops=crops,
+                     rule="stacker" if stacker.is_file() else "noisy_or",
+                     stacker=stacker if stacker.is_file() else None, source=str(work))
+
+
+def models_from_bundle(bundle: str | os.PathLike) -> ModelSpec:
+    """The models of a bundle folder written by ``cspine export-bundle`` (``bundle.json``)."""
+    bundle = Path(bundle)
+    meta_path = bundle / "bundle.json"
+    if not meta_path.is_file():
+        raise PredictError(f"{bundle} is not a cspine bundle (no bundle.json): write one with "
+                           f"`cspine export-bundle WORK {bundle}`")
+    meta = json.loads(meta_path.read_text())
+    return ModelSpec(stage1=_existing(bundle / meta["stage1"]),
+                     stage2=[_existing(bundle / p) for p in meta["stage2"]],
+                     crops=meta.get("crops", {}), rule=meta.get("rule", "noisy_or"),
+                     stacker=bundle / meta["stacker"] if meta.get("stacker") else None,
+                     source=str(bundle))
