@@ -121,6 +121,8 @@ class Stage1CLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:  # noqa: D102
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if not config.trainer.get("default_root_dir"):  # logger-less runs: configs in $WORK too
+            config.trainer.default_root_dir = str(Path(config.data.work_dir) / "stage1")
         logger = config.trainer.get("logger")
         for entry in logger if isinstance(logger, list) else [logger]:
             if not hasattr(entry, "class_path") or "WandbLogger" not in entry.class_path:

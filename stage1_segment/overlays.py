@@ -127,3 +127,36 @@ def crops_sheet(crops: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray] | 
     with atomic_path(out_path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m stage1_segment.overlays MANIFEST OUT.png [--study UID]``: crop sheet of one study."""
+    import argparse
+
+    from common.manifest import read_manifest
+
+    parser = argparse.ArgumentParser(prog="python -m stage1_segment.overlays",
+                                     description="Draw the seven crops of one study (mid-slices, "
+                                                 "own mask outlined) from a crop manifest.")
+    parser.add_argument("manifest", help="WORK/stage1/crops/vertebrae.csv")
+    parser.add_argument("out", help="PNG to write")
+    parser.add_argument("--study", help="StudyInstanceUID (default: first study with 7 crops)")
+    args = parser.parse_args(argv)
+    frame = read_manifest(args.manifest)
+    if args.study is None:
+        counts = frame[frame["present"]].groupby("study_uid").size()
+        args.study = str(counts[counts == 7].index[0] if (counts == 7).any() else counts.idxmax())
+    crops: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray] | None] = {}
+    for row in frame[frame["study_uid"] == args.study].itertuples():
+        if row.present:
+            with np.load(row.crop_path) as z:
+                crops[row.vertebra] = (z["image"], z["mask"], z["affine"])
+        else:
+            crops[row.vertebra] = None
+    crops_sheet(crops, args.out, title=f"stage-1 crops of {args.study}")
+    print(f"wrote {args.out} ({args.study})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -7,7 +7,6 @@ crops writes a manifest that :func:`common.manifest.read_manifest` accepts.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -133,4 +132,18 @@ def test_prepare_fit_predict_crops_end_to_end(tiny_data, tmp_path):
     volume = load_series(tiny_data / "test_images" / manifest.iloc[-1]["study_uid"])
     full = segment_volume(model, volume)
     assert full.shape == volume.shape and full.dtype == np.uint8
-    os.environ.pop("WANDB_RUN_ID", None)
+
+    # `cspine export-mask`: from the checkpoint, and from the predicted model-grid mask
+    from cspine.cli import main as cspine_main
+
+    study_dir = tiny_data / "test_images" / volume.study_uid
+    out = tmp_path / "exported.nii.gz"
+    assert cspine_main(["export-mask", str(study_dir), str(out), "--ckpt", "best",
+                        "--work", str(tmp_path)]) == 0
+    exported, exp_affine = load_nifti(out)
+    assert exported.shape == volume.shape and np.allclose(exp_affine, volume.affine, atol=1e-4)
+    assert np.array_equal(exported, full)
+    assert cspine_main(["export-mask", str(study_dir), str(out), "--mask",
+                        str(pred / "masks" / f"{volume.study_uid}.nii.gz")]) == 0
+    assert np.array_equal(load_nifti(out)[0], full)
+    assert cspine_main(["export-mask", str(tmp_path), str(out), "--mask", str(out)]) == 2
