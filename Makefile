@@ -61,7 +61,7 @@ stage1-fit: install  ## train the segmenter (STAGE1_CONFIG) on WORK/stage1/cache
 	$(PY) -m stage1_segment fit -c $(STAGE1_CONFIG) $(S1) --data.prepare_jobs $(JOBS) $$resume $(STAGE1_ARGS)
 
 stage1-predict: install  ## masks + boxes for every train/test study with STAGE1_CKPT (best|last|path) -> WORK/stage1/predict/{masks/<UID>.nii.gz,boxes/<UID>.json,boxes.csv,qc_predict.csv}
-	$(PY) -m stage1_segment predict -c $(STAGE1_CONFIG) $(S1) --data.prepare_jobs $(JOBS) --ckpt_path $(STAGE1_CKPT) $(STAGE1_ARGS)
+	$(PY) -m stage1_segment predict -c $(STAGE1_CONFIG) $(S1) --data.prepare_jobs $(JOBS) --ckpt_path $(STAGE1_CKPT) --trainer.logger false $(STAGE1_ARGS)
 
 crops: install  ## per-vertebra crops (STAGE1_CONFIG crops:) from DATA + WORK/stage1/predict -> WORK/stage1/crops/<UID>_<C#>.npz + vertebrae.csv (the stage-2 manifest) + run.json
 	$(PY) -m stage1_segment.crops -c $(STAGE1_CONFIG) --data-root $(DATA) --work-dir $(WORK) --jobs $(JOBS)
