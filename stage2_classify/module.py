@@ -141,6 +141,10 @@ class CropClassifier(pl.LightningModule):
         if batch_idx == 0:
             self._log_crops(batch, prob)
 
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        """``{"index": row index into the dataset, "prob": fracture probability}`` per crop."""
+        return {"index": batch["index"], "prob": self.predict_proba(batch["x"], batch["vertebra"])}
+
     def on_validation_epoch_start(self) -> None:
         self._val = []
 

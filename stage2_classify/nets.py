@@ -22,20 +22,24 @@ class SmallCNN3d(nn.Module):
         out_channels: feature size F of the final linear layer.
         widths: channels per stage; each stage after the first halves every spatial size.
         dropout: dropout before the final linear layer.
+        stem_stride: stride of the very first convolution (2 cuts the cost of the
+            first stage; its 3×3×3 kernels still see every voxel, so a one-voxel crack survives).
 
     Pooling is global average ⊕ global max, so a thin crack that lights up a few voxels is not
     averaged away.
     """
 
     def __init__(self, in_channels: int, out_channels: int = 64,
-                 widths: Sequence[int] = (16, 32, 64), dropout: float = 0.1) -> None:
+                 widths: Sequence[int] = (16, 32, 64), dropout: float = 0.1,
+                 stem_stride: int = 1) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         c = in_channels
         for i, w in enumerate(widths):
             if i:
                 layers.append(nn.MaxPool3d(2, ceil_mode=True))
-            layers += [nn.Conv3d(c, w, 3, padding=1, bias=False), nn.BatchNorm3d(w),
+            stride = stem_stride if i == 0 else 1
+            layers += [nn.Conv3d(c, w, 3, stride=stride, padding=1, bias=False), nn.BatchNorm3d(w),
                        nn.ReLU(inplace=True), nn.Conv3d(w, w, 3, padding=1, bias=False),
                        nn.BatchNorm3d(w), nn.ReLU(inplace=True)]
             c = w

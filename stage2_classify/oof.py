@@ -23,23 +23,32 @@ from stage2_classify.aggregate import aggregate, clip_probs, crops_to_study
 UID = "StudyInstanceUID"
 
 
-def chosen_checkpoint(trainer: Any) -> tuple[Path, float | None]:
-    """The best checkpoint by the monitored metric, else the last one; with its score."""
-    for cb in trainer.checkpoint_callbacks:
-        best = getattr(cb, "best_model_path", "")
-        if best and Path(best).exists():
-            score = cb.best_model_score
-            return Path(best), float(score) if score is not None else None
-    for cb in trainer.checkpoint_callbacks:
-        last = getattr(cb, "last_model_path", "")
-        if last and Path(last).exists():
+def chosen_checkpoint(trainer: Any, which: str = "last") -> tuple[Path, float | None]:
+    """The checkpoint whose predictions become the fold's OOF rows, with its monitored score.
+
+    ``"last"`` (default) is the end of the cosine schedule; it is chosen without looking at the
+    validation fold, so the OOF score is not biased by checkpoint selection on the rows it scores.
+    ``"best"`` is the best ``val/comp_loss`` epoch (optimistic as an OOF estimate).
+    """
+    cbs = [cb for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+    if which == "best":
+        for cb in cbs:
+            if cb.best_model_path and Path(cb.best_model_path).exists():
+                score = cb.best_model_score
+                return Path(cb.best_model_path), float(score) if score is not None else None
+    for cb in cbs:
+        last = cb.last_model_path or str(Path(cb.dirpath) / "last.ckpt")
+        if Path(last).exists():
             return Path(last), None
-    raise FileNotFoundError("fit wrote no checkpoint: keep a ModelCheckpoint callback in the config")
+    raise FileNotFoundError("fit wrote no checkpoint: keep a ModelCheckpoint(save_last=True) "
+                            "callback in the config")
 
 
-def write_fold_oof(trainer: Any, model: Any, datamodule: Any, fold_dir: Path, oof_dir: Path
-                   ) -> pd.DataFrame:
+def write_fold_oof(trainer: Any, model: Any, datamodule: Any, fold_dir: Path, oof_dir: Path,
+                   which: str = "last") -> pd.DataFrame:
     """Score fold k's validation crops with the chosen checkpoint; write ``fold<k>.csv`` and run.json.
+
+    ``run.json`` names the checkpoint that ``make submit`` and ``cspine predict`` use for this fold.
 
     Returns:
         the wide OOF frame of this fold.
@@ -47,7 +56,7 @@ def write_fold_oof(trainer: Any, model: Any, datamodule: Any, fold_dir: Path, oo
     from stage2_classify.inference import load_model, score_rows
 
     start = time.perf_counter()
-    ckpt, score = chosen_checkpoint(trainer)
+    ckpt, score = chosen_checkpoint(trainer, which)
     best = load_model(ckpt, map_location="cpu")
     fold = int(datamodule.hparams.fold)
     crops = score_rows([best], datamodule.val_ds.rows, datamodule.hparams.batch_size)
@@ -57,7 +66,8 @@ def write_fold_oof(trainer: Any, model: Any, datamodule: Any, fold_dir: Path, oo
     write_csv(Path(oof_dir) / f"fold{fold}.csv", wide.reset_index())
     loss = competition_loss(datamodule.val_labels, clip_probs(wide[list(TARGETS)]))
     write_json(Path(fold_dir) / "run.json", {
-        "fold": fold, "checkpoint": str(ckpt.resolve()), "monitor_score": score,
+        "fold": fold, "checkpoint": str(ckpt.resolve()), "chosen": which,
+        "monitor_score": score,
         "oof_comp_loss_noisy_or": loss, "epochs": int(trainer.current_epoch),
         "val_studies": len(wide), "val_crops": len(crops), "prior": datamodule.prior,
         "oof_seconds": time.perf_counter() - start})

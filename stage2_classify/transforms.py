@@ -8,7 +8,11 @@ slice; for RSNA's axial series X is the patient's left-right axis). The network 
 1. one channel per HU window ``(level, width)``: ``clip((HU - level + width/2) / width, 0, 1)``;
 2. the target-vertebra mask (``mask == this vertebra``);
 3. optionally all cervical vertebrae (``mask > 0``);
-4. optionally 7 constant one-hot channels naming the vertebra.
+4. optionally the first window × the target mask dilated by ``masked_image`` voxels (the crop's
+   neighbours, whose own fractures would otherwise look like this vertebra's, are blanked);
+5. optionally a lucency map of the target vertebra: ``mask × clip((below − HU) / width, 0, 1)``
+   (voxels of the vertebra darker than bone: fracture lines and gaps light up on a dark field);
+6. optionally 7 constant one-hot channels naming the vertebra.
 
 Augmentations keep a crack a crack: small rotations and scalings, a left-right flip only (never
 cranio-caudal or antero-posterior: those change anatomy), mild intensity scaling/shift and noise.
@@ -38,11 +42,15 @@ class Preprocess:
         windows: HU windows ``(level, width)``, one image channel each.
         all_mask: add a channel with every cervical vertebra of the stage-1 mask.
         vertebra_channels: add 7 constant one-hot channels naming the target vertebra.
+        masked_image: dilation (voxels) of the target mask for a masked-image channel; None = off.
+        lucency: ``(below_hu, width_hu)`` of the lucency channel; None = off.
     """
 
     windows: Sequence[Sequence[float]] = field(default_factory=lambda: [BONE_WINDOW])
     all_mask: bool = False
     vertebra_channels: bool = False
+    masked_image: int | None = None
+    lucency: Sequence[float] | None = None
 
     @property
     def num_image_channels(self) -> int:
@@ -50,11 +58,13 @@ class Preprocess:
 
     @property
     def num_channels(self) -> int:
-        return len(self.windows) + 1 + int(self.all_mask) + (7 if self.vertebra_channels else 0)
+        return (len(self.windows) + 1 + int(self.all_mask) + int(self.masked_image is not None)
+                + int(self.lucency is not None) + (7 if self.vertebra_channels else 0))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["windows"] = [[float(a), float(b)] for a, b in self.windows]
+        d["lucency"] = [float(v) for v in self.lucency] if self.lucency is not None else None
         return d
 
     @classmethod
@@ -62,9 +72,13 @@ class Preprocess:
         return cls(**(d or {}))
 
     def image_channels(self, image: np.ndarray) -> np.ndarray:
-        """HU (X, Y, Z) → float32 (W, X, Y, Z) windowed to [0, 1]."""
+        """HU (X, Y, Z) → float32 (W, X, Y, Z) windowed to [0, 1] (+ the raw lucency, if on)."""
         hu = image.astype(np.float32)
-        return np.stack([np.clip((hu - (lv - wd / 2)) / wd, 0.0, 1.0) for lv, wd in self.windows])
+        chans = [np.clip((hu - (lv - wd / 2)) / wd, 0.0, 1.0) for lv, wd in self.windows]
+        if self.lucency is not None:
+            below, width = self.lucency
+            chans.append(np.clip((below - hu) / width, 0.0, 1.0))
+        return np.stack(chans)
 
     def mask_channels(self, mask: np.ndarray, vertebra: str) -> np.ndarray:
         """Label map (X, Y, Z) → float32 (1 or 2, X, Y, Z): target vertebra (+ all vertebrae)."""
@@ -92,7 +106,25 @@ class Preprocess:
             item = augment(item)
         img = torch.as_tensor(item["image"]).float()
         msk = torch.as_tensor(item["mask"]).float()
-        return torch.cat([img, msk, self.vertebra_planes(vertebra, img.shape[1:])], dim=0)
+        n = len(self.windows)
+        chans = [img[:n], msk]
+        if self.masked_image is not None:
+            chans.append(img[:1] * self.dilate(msk[:1], self.masked_image))
+        if self.lucency is not None:  # lucency only inside the target vertebra
+            chans.append(img[n:] * (msk[:1] > 0.5))
+        chans.append(self.vertebra_planes(vertebra, img.shape[1:]))
+        return torch.cat(chans, dim=0)
+
+    @staticmethod
+    def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
+        """Binary dilation of (1, X, Y, Z) by a (2r+1)³ cube (scipy's separable max filter on
+        uint8: ~1 ms per 48×48×32 crop, against ~30 ms for torch's cube ``max_pool3d`` on CPU)."""
+        from scipy import ndimage
+
+        m = (mask > 0.5).to(torch.uint8).cpu().numpy()
+        if radius > 0:
+            m = ndimage.maximum_filter(m, size=(1,) + (2 * radius + 1,) * 3, mode="constant")
+        return torch.from_numpy(m.astype(np.float32))
 
 
 def build_augment(rotate_deg: float = 10.0, scale: float = 0.1, translate_vox: float = 2.0,

@@ -124,3 +124,24 @@ def test_fit_oof_evaluate_submit_on_tiny_preset(tiny_data, tmp_path):
     skipped = qc[qc["status"].str.startswith("prior")]
     assert len(skipped) == 1  # the test study the fixture left out of the manifest
     assert len(qc) == wide.shape[0]
+
+
+def test_box_file_numbers_map_to_crop_slices():
+    from stage2_classify.data import crop_z_of_file_numbers
+
+    # box = source slices 10..19 (10 slices of 2 mm), file numbers 41..50 running down (reversed
+    # numbering: file 50 is slice 10), margin 4 mm = 2 slices; crop of 14 slices at 2 mm.
+    row = pd.Series({"vox_lo_z": 10, "vox_hi_z": 19, "file_number_lo": 50, "file_number_hi": 41,
+                     "margin_mm": 4.0, "spacing_z": 2.0})
+    z = crop_z_of_file_numbers(row, [50, 41, 45], crop_z=14)
+    np.testing.assert_allclose(z, [2.0, 11.0, 7.0])  # slice 10 → crop 2 (after 2 margin slices)
+
+
+def test_fast_dev_run_with_aux_boxes(tmp_path):
+    world = make_stage2_world(tmp_path, n_train=10, n_test=1, shape=(16, 16, 12), seed=5)
+    cli = cli_main(["fit", "-c", str(REPO / "configs/stage2/cpu.yaml"), "-c", str(SMOKE),
+                    "--trainer.fast_dev_run", "1", "--data.aux_boxes", "true",
+                    "--model.aux_weight", "0.5", *_data_args(world)])
+    assert cli.model.aux_head is not None
+    aux = cli.datamodule.train_ds.aux
+    assert aux[:, -1].sum() > 0 and aux[:, :-1].sum() > 0  # some crops know their fracture bins
