@@ -15,6 +15,7 @@ Writes a Markdown table to ``benchmarks/results/stage1.md`` (``--out``) and prin
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import shutil
 import statistics
@@ -105,6 +106,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "stage1.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
     p = bench_prepare(args.data, args.grid, args.jobs)
     inf = {(prof, g): bench_inference(prof, g, args.repeats)
            for prof, g in (("base", 128), ("cpu", 64))}
@@ -112,7 +114,9 @@ def main() -> None:
         "# Stage 1 benchmark", "",
         f"`python benchmarks/stage1.py --data {args.data} --grid {args.grid} --jobs {args.jobs} "
         f"--threads {args.threads}` on {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} torch threads, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        f"{torch.get_num_threads()} torch threads, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+        f"1-min load average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after on "
+        f"{os.cpu_count()} CPUs (above the CPU count = other jobs shared the cores).",
         "", "## Prepare (DICOM → model-grid cache)", "",
         "| studies | failed | grid | cold s | cold studies/s | warm s | warm studies/s | cold/warm |",
         "|---|---|---|---|---|---|---|---|",

@@ -104,16 +104,17 @@ class Stage1CLI(LightningCLI):
         """Validate the best checkpoint and record the run in ``$WORK/stage1/run.json``."""
         trainer = self.trainer
         ckpt = trainer.checkpoint_callback
-        if trainer.fast_dev_run or ckpt is None or not ckpt.best_model_path:
+        if trainer.fast_dev_run or ckpt is None:
             return
         metrics = trainer.validate(self.model, datamodule=self.datamodule,
-                                   ckpt_path=ckpt.best_model_path, verbose=False)
+                                   ckpt_path=ckpt.best_model_path or None, verbose=False)
         if trainer.is_global_zero:
             from common.atomic import write_json
 
             config = self.config[self.subcommand]
             write_json(Path(config.data.work_dir) / "stage1" / "run.json", {
-                "best_checkpoint": ckpt.best_model_path, "last_checkpoint": ckpt.last_model_path,
+                "best_checkpoint": ckpt.best_model_path or ckpt.last_model_path,
+                "last_checkpoint": ckpt.last_model_path,
                 "best_score": float(ckpt.best_model_score) if ckpt.best_model_score is not None
                 else None, "monitor": ckpt.monitor, "epochs": trainer.current_epoch,
                 "best_val": {k: round(float(v), 4) for k, v in (metrics[0] if metrics else {}).items()},

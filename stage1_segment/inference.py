@@ -103,12 +103,17 @@ def segment_volume(model: Stage1Module, volume: Volume, tta_flip_lr: bool | None
                    clean: bool = True) -> np.ndarray:
     """Segment a CT and return the mask on the CT's own grid.
 
-    Inference runs on the model grid; the labels are mapped back by both affines
-    (:func:`common.geometry.map_labels_to_grid`, nearest neighbour).
+    Inference runs on the model grid; the labels are mapped back by both affines with nearest
+    neighbour (:func:`common.geometry.resample_labels_axis_aligned`, or
+    :func:`common.geometry.map_labels_to_grid` for a grid that is not axis-aligned).
 
     Returns:
         uint8 (X, Y, Z) classes with ``volume.shape``; ``volume.affine`` is its affine.
     """
     mask, affine = segment_to_grid(model, volume, tta_flip_lr, clean)
-    out, _ = geometry.map_labels_to_grid(mask, affine, volume.affine, volume.shape)
+    # a grid_for_shape/grid_for_spacing grid is axis-aligned with its CT: separable lookup,
+    # ~6x faster than a general nearest resampling for a 512x512x300 CT
+    out = geometry.resample_labels_axis_aligned(mask, affine, volume.affine, volume.shape)
+    if out is None:
+        out, _ = geometry.map_labels_to_grid(mask, affine, volume.affine, volume.shape)
     return out.astype(np.uint8, copy=False)

@@ -123,3 +123,24 @@ def test_crops_mark_small_or_missing_vertebrae_absent():
     small = crops_for_volume(volume, labels, None, CropConfig(shape=(8, 8, 8),
                                                               min_volume_mm3=3000.0))
     assert all(v is None for v in small.values())
+
+
+@pytest.mark.parametrize("name", ["ras", "lps", "reversed_z"])
+def test_axis_aligned_label_lookup_matches_nearest_resampling(name):
+    ct_affine, ct_shape = _affines()[name], (40, 36, 30)
+    grid_affine = geometry.grid_for_shape(ct_affine, ct_shape, (16, 12, 10))
+    labels = np.random.default_rng(1).integers(0, 8, (16, 12, 10)).astype(np.uint8)
+    fast = geometry.resample_labels_axis_aligned(labels, grid_affine, ct_affine, ct_shape)
+    slow = geometry.resample_to_grid(labels, grid_affine, ct_affine, ct_shape, order=0)
+    assert fast.shape == ct_shape and fast.dtype == np.uint8
+    # identical inside; at the outer half voxel ndimage's constant mode gives 0, the lookup
+    # still uses the edge voxel (its extent reaches the field-of-view border)
+    assert np.array_equal(fast[3:-3, 3:-3, 3:-3], slow[3:-3, 3:-3, 3:-3])
+    assert np.array_equal(fast[0, 0, 0], labels[0, 0, 0])
+    # outside the source grid → 0; a rotated grid → None
+    shifted = geometry.translate_affine(ct_affine, (-50, 0, 0))
+    assert not geometry.resample_labels_axis_aligned(labels, grid_affine, shifted, ct_shape).any()
+    rot = np.eye(4)
+    rot[:2, :2] = [[0.8, -0.6], [0.6, 0.8]]
+    assert geometry.resample_labels_axis_aligned(labels, grid_affine, rot @ ct_affine,
+                                                 ct_shape) is None

@@ -43,8 +43,12 @@ def run(args: argparse.Namespace) -> int:
             from common import geometry
 
             labels, affine = load_nifti(args.mask)
-            mask, _ = geometry.map_labels_to_grid(labels.astype("uint8"), affine,
-                                                  volume.affine, volume.shape)
+            labels = labels.astype("uint8")
+            mask = geometry.resample_labels_axis_aligned(labels, affine, volume.affine,
+                                                         volume.shape)
+            if mask is None:
+                mask, _ = geometry.map_labels_to_grid(labels, affine, volume.affine,
+                                                      volume.shape)
         else:
             from stage1_segment.inference import load_model, segment_volume
             from stage1_segment.predict import resolve_checkpoint
