@@ -93,8 +93,10 @@ class Stage1CLI(LightningCLI):
         parser.add_class_arguments(CropConfig, "crops")
 
     def before_predict(self) -> None:
-        """Resolve ``--ckpt_path best|last`` from ``$WORK/stage1/checkpoints``."""
+        """Resolve ``--ckpt_path best|last`` from ``$WORK/stage1/checkpoints``; stream outputs."""
         config = self.config_init[self.subcommand]
+        # the writer saves each study as it comes; keeping every mask in memory would not scale
+        config["return_predictions"] = False
         spec = config.get("ckpt_path")
         if spec in ("best", "last"):
             config["ckpt_path"] = str(resolve_checkpoint(

@@ -184,7 +184,8 @@ class Stage1PredictionWriter(BasePredictionWriter):
             rows = [r for part in gathered for r in part]
         if not trainer.is_global_zero:
             return
-        qc = pd.DataFrame(rows).sort_values("study_uid")
+        # a distributed sampler pads with repeated studies: keep one row each
+        qc = pd.DataFrame(rows).drop_duplicates("study_uid").sort_values("study_uid")
         write_csv(self.output_dir / "qc_predict.csv", qc)
         write_csv(self.output_dir / "boxes.csv",
                   boxes_table(self.output_dir / "boxes", qc["study_uid"].tolist()))
