@@ -72,10 +72,12 @@ def test_model_learns_on_fixture_crops(tmp_path):
 
     torch.set_num_threads(2)
     world = make_stage2_world(tmp_path, n_train=24, n_test=1, shape=(16, 16, 12), seed=3)
-    _fit(world, 0, epochs=6)
+    _fit(world, 0, epochs=8, extra=("--model.lr", "0.01"))
     last = world["work"] / "stage2" / "fold0" / "checkpoints" / "last.ckpt"
+    trained = load_model(last)
     dm = CropDataModule(str(world["manifest"]), str(world["data"]),
-                        str(world["work"] / "folds.csv"), fold=0, n_folds=2, augment=False)
+                        str(world["work"] / "folds.csv"), fold=0, n_folds=2, augment=False,
+                        **trained.preprocess.to_dict())  # the inputs the model was trained on
     dm.setup("fit")
     batch = next(iter(torch.utils.data.DataLoader(dm.train_ds, batch_size=len(dm.train_ds))))
     one = torch.ones(1)
@@ -85,7 +87,6 @@ def test_model_learns_on_fixture_crops(tmp_path):
             return float(metric_weighted_bce(model(batch["x"], batch["vertebra"])[:, None],
                                              batch["y"][:, None], one, 2 * one))
 
-    trained = load_model(last)
     fresh = load_model(last)
     torch.manual_seed(0)
     for m in fresh.modules():  # same architecture, untrained weights
