@@ -170,13 +170,33 @@ class Predictor:
                 "crops": crops, "timing_s": timing, "rule": rule}
 
 
+def labels_to_grid(labels: np.ndarray, src_affine: np.ndarray, dst_affine: np.ndarray,
+                   dst_shape: tuple[int, ...]) -> tuple[np.ndarray, str]:
+    """Model-grid labels onto another grid (nearest), as stage 1 maps them back to its CT.
+
+    Uses :func:`common.geometry.resample_labels_axis_aligned` when the grids are axis-aligned
+    (the model grid over its own CT), else :func:`common.geometry.map_labels_to_grid`.
+
+    Returns:
+        (uint8 labels with ``dst_shape``, the method used).
+    """
+    from common import geometry
+
+    out = geometry.resample_labels_axis_aligned(labels, src_affine, dst_affine, dst_shape)
+    if out is not None:
+        return out.astype(np.uint8, copy=False), "axis_aligned"
+    out, method = geometry.map_labels_to_grid(labels, src_affine, dst_affine, dst_shape)
+    return out.astype(np.uint8, copy=False), method
+
+
 def saliency_points(models, crops: dict[str, Any], vertebrae: list[str]
                     ) -> dict[str, np.ndarray]:
     """World point (RAS mm) of the axial crop slice where stage 2 looks most, per vertebra.
 
     Input-gradient saliency: the gradient of the summed fold-model logits with respect to the
-    crop's image channels, |·| summed over channels and the crop's X and Y; the slice with the
-    largest sum is the "slice of highest suspicion". Returns the world position of that slice's
+    crop's image channels, |·| summed over channels and the crop's X and Y; among the crop slices
+    that hold the vertebra (its stage-1 label), the one with the largest sum is the "slice of
+    highest suspicion". Returns the world position of that slice's
     centre (crop axes run along the CT axes, so it maps to one CT slice).
     """
     import torch
@@ -185,19 +205,23 @@ def saliency_points(models, crops: dict[str, Any], vertebrae: list[str]
         return {}
     pre = models[0].preprocess
     n_image = pre.num_image_channels
+    names = [v for v in vertebrae if crops.get(v) is not None]
+    if not names:
+        return {}
+    # one batched forward/backward per fold model: in eval mode the samples do not interact
+    x = torch.stack([pre(crops[v][0], crops[v][1], v) for v in names]).requires_grad_(True)
+    index = torch.tensor([VERTEBRAE.index(v) for v in names])
+    with torch.enable_grad():
+        for m in models:
+            m(x, index).sum().backward()
+    per_slice = x.grad[:, :n_image].abs().sum(dim=(1, 2, 3)).numpy()  # (vertebrae, crop Z)
     out = {}
-    for v in vertebrae:
-        crop = crops.get(v)
-        if crop is None:
-            continue
-        image, mask, affine = crop
-        x = pre(image, mask, v)[None].requires_grad_(True)
-        index = torch.tensor([VERTEBRAE.index(v)])
-        with torch.enable_grad():
-            torch.stack([m(x, index) for m in models]).sum().backward()
-        per_slice = x.grad[0, :n_image].abs().sum(dim=(0, 1, 2)).numpy()
-        k = int(np.argmax(per_slice))
-        centre = np.array([(image.shape[0] - 1) / 2, (image.shape[1] - 1) / 2, k, 1.0])
+    for v, row in zip(names, per_slice):
+        image, mask, affine = crops[v]
+        inside = (np.asarray(mask) == VERTEBRAE.index(v) + 1).any(axis=(0, 1))
+        row = np.where(inside, row, -np.inf) if inside.any() else row  # slices of this vertebra
+        centre = np.array([(image.shape[0] - 1) / 2, (image.shape[1] - 1) / 2,
+                           int(np.argmax(row)), 1.0])
         out[v] = (np.asarray(affine) @ centre)[:3]
     return out
 
@@ -225,7 +249,6 @@ def predict_study(study: str | os.PathLike, out_dir: str | os.PathLike, predicto
     Raises:
         PredictError: unreadable input (one line naming the study, file and problem).
     """
-    from common import geometry
     from common.nifti_io import save_nifti
     from cspine.overview import render_overview
 
@@ -234,14 +257,17 @@ def predict_study(study: str | os.PathLike, out_dir: str | os.PathLike, predicto
     if out_dir.exists() and not out_dir.is_dir():
         raise PredictError(f"--out {out_dir} exists and is not a folder")
     t0 = time.perf_counter()
+    preloaded = volume is not None
     if volume is None:
         volume = load_input(study, lenient=lenient)
     t_load = volume.qc.get("load_seconds", time.perf_counter() - t0)
+    if preloaded:  # the total covers the loading done by the caller
+        t_start -= t_load
     result = predict_volume_safe(predictor, volume, study)
     probs = result["probabilities"]
     original_affine, original_shape = _input_geometry(volume)
-    mask, method = geometry.map_labels_to_grid(result["grid_mask"], result["grid_affine"],
-                                               original_affine, original_shape)
+    mask, method = labels_to_grid(result["grid_mask"], result["grid_affine"], original_affine,
+                                  original_shape)
     found = [v for v in VERTEBRAE if result["crops"].get(v) is not None]
     flagged = [v for v in VERTEBRAE if probs[v] >= threshold]
     t0 = time.perf_counter()
@@ -324,8 +350,9 @@ def format_result(doc: dict[str, Any], out_dir: str | os.PathLike) -> str:
                  f"(p >= {doc['threshold']}): {', '.join(doc['flagged']) or 'none'}")
     t = doc["timing_s"]
     lines.append(f"time: {t['total']:.1f} s for the study (load {t['load_input']:.1f}, stage 1 "
-                 f"{t['stage1']:.1f}, crops {t['crops']:.1f}, stage 2 {t['stage2']:.1f}, overview "
-                 f"{t['overview']:.1f}) + {t['load_models']:.1f} s loading models on "
+                 f"{t['stage1']:.1f}, crops {t['crops']:.1f}, stage 2 {t['stage2']:.1f}, saliency "
+                 f"{t['saliency']:.1f}, overview {t['overview']:.1f}) + {t['load_models']:.1f} s "
+                 f"loading models on "
                  f"{doc['device']}")
     lines.append(f"wrote {Path(out_dir) / 'probabilities.json'}, vertebrae_mask.nii.gz, "
                  f"overview.png")

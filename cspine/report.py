@@ -313,6 +313,10 @@ def _slowest(path: Path, uid_col: str, cols: list[str], n: int = 5) -> pd.DataFr
     if qc is None or "seconds" not in qc or qc.empty:
         return None
     qc = qc.assign(seconds=pd.to_numeric(qc["seconds"], errors="coerce"))
+    if "status" in qc:  # a re-run records reused studies as "cached" with ~0 s: not informative
+        qc = qc[qc["status"].astype(str) != "cached"]
+    if qc.empty:
+        return None
     keep = [uid_col, *[c for c in cols if c in qc], "seconds"]
     return qc.sort_values("seconds", ascending=False)[keep].head(n)
 
