@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
+# e.g. https://download.pytorch.org/whl/cu126 for a CUDA build of $(TORCH); empty: the default index
+TORCH_INDEX ?=
 PRESET ?= demo
 DATA ?= data/synth_$(PRESET)
 WORK ?= work/$(PRESET)
@@ -18,7 +20,7 @@ help:  ## list the targets
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --upgrade pip
-	$(VENV)/bin/pip install "$(TORCH)"
+	$(VENV)/bin/pip install "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(VENV)/bin/pip install -e ".[dev]"
 	touch $@
 
@@ -46,6 +48,23 @@ bench-load: install  ## DICOM loading benchmark: synthetic 300-slice 512² serie
 folds: install  ## stratified CV folds of DATA/train.csv -> WORK/folds.csv (made once, then reused)
 	$(VENV)/bin/cspine folds $(DATA) --out $(WORK)/folds.csv
 
+# Training targets skip a finished run only when its inputs are unchanged: the fingerprint
+# (sha256 of the config files, the inputs' tables and the extra args) is written next to the run.
+# A finished run with another fingerprint is moved aside to <dir>.stale/ (the previous .stale is
+# replaced) and trained again; a run without run.json resumes from last.ckpt.
+# $(call keep_or_retire,DIR,LABEL,PATHS,SKIP): expects $$fp in the shell; runs SKIP (e.g. exit 0)
+# when the finished run is kept, moves PATHS aside when it is stale.
+define keep_or_retire
+if [ -f $(1)/run.json ] || [ -f $(1)/fit.fingerprint ]; then \
+	  if [ "$$(cat $(1)/fit.fingerprint 2>/dev/null)" = "$$fp" ]; then \
+	    if [ -f $(1)/run.json ]; then echo "$(2): done, inputs unchanged ($(1)/run.json; delete it to retrain)"; $(4); fi; \
+	  else \
+	    echo "$(2): config or inputs changed since the last run; moving it to $(1).stale/ and training again"; \
+	    rm -rf $(1).stale && mkdir -p $(1).stale && for p in $(3); do [ -e $$p ] && mv $$p $(1).stale/ || true; done; \
+	  fi; \
+	fi
+endef
+
 # ---------------------------------------------------------------- stage 1 (stage1_segment)
 STAGE1_CONFIG ?= configs/stage1/cpu.yaml
 STAGE1_CKPT ?= best
@@ -55,9 +74,11 @@ S1 := --data.data_root $(DATA) --data.work_dir $(WORK)
 stage1-prepare: install  ## stage-1 cache (STAGE1_CONFIG data: grid): DATA DICOM + segmentations -> WORK/stage1/cache/<key>/<UID>.npz, WORK/stage1/qc_prepare.csv; cached studies are skipped
 	$(PY) -m stage1_segment.prepare -c $(STAGE1_CONFIG) --data-root $(DATA) --work-dir $(WORK) --jobs $(JOBS)
 
-stage1-fit: install  ## train the segmenter (STAGE1_CONFIG) on WORK/stage1/cache + WORK/folds.csv -> WORK/stage1/checkpoints/{best,last}.ckpt, WORK/stage1/run.json, WORK/stage1/wandb; skipped when run.json exists, resumed from last.ckpt
-	@if [ -f $(WORK)/stage1/run.json ]; then echo "stage 1 fit: done ($(WORK)/stage1/run.json; delete it to retrain)"; exit 0; fi; \
+stage1-fit: install  ## train the segmenter (STAGE1_CONFIG) on WORK/stage1/cache + WORK/folds.csv -> WORK/stage1/checkpoints/{best,last}.ckpt, WORK/stage1/run.json, WORK/stage1/wandb; skipped when finished with unchanged config and inputs (else the old run moves to WORK/stage1.stale/), resumed from last.ckpt
+	@fp=$$({ awk '/^[^ \t#]/{skip=($$1=="crops:")} !skip' $(filter-out -c,$(STAGE1_CONFIG)); cat $(WORK)/folds.csv; } | { cat; echo "$(STAGE1_ARGS)"; } | sha256sum | cut -c1-16); \
+	$(call keep_or_retire,$(WORK)/stage1,stage 1 fit,$(WORK)/stage1/checkpoints $(WORK)/stage1/run.json $(WORK)/stage1/wandb,exit 0); \
 	resume=""; if [ -f $(WORK)/stage1/checkpoints/last.ckpt ]; then resume="--ckpt_path last"; echo "stage 1 fit: resuming"; fi; \
+	mkdir -p $(WORK)/stage1 && echo $$fp > $(WORK)/stage1/fit.fingerprint && \
 	$(PY) -m stage1_segment fit -c $(STAGE1_CONFIG) $(S1) --data.prepare_jobs $(JOBS) $$resume $(STAGE1_ARGS)
 
 stage1-predict: install  ## masks + boxes for every train/test study with STAGE1_CKPT (best|last|path) -> WORK/stage1/predict/{masks/<UID>.nii.gz,boxes/<UID>.json,boxes.csv,qc_predict.csv}
@@ -73,11 +94,13 @@ STAGE2_ARGS ?=
 AGG_RULE ?= stacker
 CLIP ?= 0.001 0.999
 .PHONY: stage2-fit evaluate submit
-stage2-fit: install  ## train stage 2 (FOLD=k, else every fold in turn; STAGE2_CONFIG) on WORK/stage1/crops/vertebrae.csv + DATA/train.csv + WORK/folds.csv -> WORK/stage2/fold<k>/ (checkpoints, run.json, wandb), WORK/stage2/oof/fold<k>.csv; a finished fold is skipped, an interrupted one resumes from last.ckpt
+stage2-fit: install  ## train stage 2 (FOLD=k, else every fold in turn; STAGE2_CONFIG) on WORK/stage1/crops/vertebrae.csv + DATA/train.csv + WORK/folds.csv -> WORK/stage2/fold<k>/ (checkpoints, run.json, wandb), WORK/stage2/oof/fold<k>.csv; a finished fold with unchanged config and inputs is skipped (a stale one moves to fold<k>.stale/), an interrupted one resumes from last.ckpt
 	@for k in $(if $(FOLD),$(FOLD),$(STAGE2_FOLDS)); do \
 	  dir=$(WORK)/stage2/fold$$k; \
-	  if [ -f $$dir/run.json ]; then echo "stage 2 fold $$k: done ($$dir/run.json; delete $$dir to retrain)"; continue; fi; \
+	  fp=$$(cat $(filter-out -c,$(STAGE2_CONFIG)) $(WORK)/stage1/crops/vertebrae.csv $(WORK)/folds.csv | { cat; echo "$$k $(STAGE2_ARGS)"; } | sha256sum | cut -c1-16); \
+	  $(call keep_or_retire,$$dir,stage 2 fold $$k,$$dir $(WORK)/stage2/oof/fold$$k.csv,false) || continue; \
 	  resume=""; if [ -f $$dir/checkpoints/last.ckpt ]; then resume="--ckpt_path last"; echo "stage 2 fold $$k: resuming"; fi; \
+	  mkdir -p $$dir && echo $$fp > $$dir/fit.fingerprint && \
 	  $(PY) -m stage2_classify fit -c $(STAGE2_CONFIG) --data.fold $$k \
 	    --data.manifest $(WORK)/stage1/crops/vertebrae.csv --data.data_root $(DATA) \
 	    --data.folds_csv $(WORK)/folds.csv --trainer.default_root_dir $$dir \

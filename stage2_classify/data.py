@@ -116,7 +116,7 @@ class CropDataModule(pl.LightningDataModule):
         vertebra_channels: add 7 one-hot vertebra channels.
         masked_image: add the first window masked by the target vertebra dilated by this many
             voxels (None = no such channel).
-        lucency: ``(below_hu, width_hu)``: add the target vertebra's lucency map
+        lucency: ``(below_hu, width_hu[, erode_voxels])``: add the target vertebra's lucency map
             ``clip((below − HU) / width, 0, 1)`` (None = no such channel).
         augment: train-time augmentation on/off; the other ``aug_*`` values tune it
             (``aug_affine_prob``: share of crops that get the random affine, the costly part on
@@ -132,7 +132,7 @@ class CropDataModule(pl.LightningDataModule):
                  n_folds: int = 5, batch_size: int = 16, num_workers: int = 0,
                  windows: list[tuple[float, float]] = [BONE_WINDOW], all_mask: bool = False,
                  vertebra_channels: bool = False, masked_image: int | None = None,
-                 lucency: tuple[float, float] | None = None,
+                 lucency: list[float] | None = None,
                  augment: bool = True, aug_rotate_deg: float = 10.0,
                  aug_scale: float = 0.1, aug_flip_lr: bool = True, aug_noise_std: float = 0.02,
                  aug_affine_prob: float = 0.8,

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 
 class SmallCNN3d(nn.Module):
@@ -24,15 +25,22 @@ class SmallCNN3d(nn.Module):
         dropout: dropout before the final linear layer.
         stem_stride: stride of the very first convolution (2 cuts the cost of the
             first stage; its 3×3×3 kernels still see every voxel, so a one-voxel crack survives).
+        pool_mask_channel: index of the target-vertebra mask among the input channels; when set,
+            the pooling runs only over the feature voxels that the mask (max-pooled to the
+            feature grid, i.e. dilated by about one feature cell) touches, so a fractured
+            neighbour that shares the crop does not vote. None pools over the whole crop.
 
-    Pooling is global average ⊕ global max, so a thin crack that lights up a few voxels is not
-    averaged away.
+    Pooling is average ⊕ max, so a thin crack that lights up a few voxels is not averaged away.
     """
 
     def __init__(self, in_channels: int, out_channels: int = 64,
                  widths: Sequence[int] = (16, 32, 64), dropout: float = 0.1,
-                 stem_stride: int = 1) -> None:
+                 stem_stride: int = 1, pool_mask_channel: int | None = None) -> None:
         super().__init__()
+        if pool_mask_channel is not None and not 0 <= pool_mask_channel < in_channels:
+            raise ValueError(f"pool_mask_channel {pool_mask_channel} is not one of the "
+                             f"{in_channels} input channels")
+        self.pool_mask_channel = pool_mask_channel
         layers: list[nn.Module] = []
         c = in_channels
         for i, w in enumerate(widths):
@@ -48,9 +56,29 @@ class SmallCNN3d(nn.Module):
         self.fc = nn.Linear(2 * c, out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, X, Y, Z) float32 → (B, F) features."""
         f = self.features(x)
-        pooled = torch.cat([f.mean(dim=(2, 3, 4)), f.amax(dim=(2, 3, 4))], dim=1)
+        if self.pool_mask_channel is None:
+            pooled = torch.cat([f.mean(dim=(2, 3, 4)), f.amax(dim=(2, 3, 4))], dim=1)
+        else:
+            pooled = masked_pool(f, x[:, self.pool_mask_channel:self.pool_mask_channel + 1])
         return self.fc(self.dropout(pooled))
+
+
+def masked_pool(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Average ⊕ max of ``features`` (B, F, x, y, z) over the cells that ``mask`` (B, 1, X, Y, Z),
+    values in [0, 1] on the input grid, touches; a sample whose mask is empty pools everywhere.
+
+    Returns (B, 2F).
+    """
+    m = F.adaptive_max_pool3d(mask.float(), features.shape[2:]) > 0.5      # (B, 1, x, y, z)
+    empty = ~m.flatten(1).any(dim=1)
+    m = m | empty.view(-1, 1, 1, 1, 1)
+    w = m.to(features.dtype)
+    mean = (features * w).sum(dim=(2, 3, 4)) / w.sum(dim=(2, 3, 4)).clamp_min(1.0)
+    big = torch.finfo(features.dtype).min
+    mx = features.masked_fill(~m, big).amax(dim=(2, 3, 4))
+    return torch.cat([mean, mx], dim=1)
 
 
 class ResNet3d(nn.Module):

@@ -11,7 +11,9 @@ slice; for RSNA's axial series X is the patient's left-right axis). The network 
 4. optionally the first window × the target mask dilated by ``masked_image`` voxels (the crop's
    neighbours, whose own fractures would otherwise look like this vertebra's, are blanked);
 5. optionally a lucency map of the target vertebra: ``mask × clip((below − HU) / width, 0, 1)``
-   (voxels of the vertebra darker than bone: fracture lines and gaps light up on a dark field);
+   (voxels of the vertebra darker than bone: fracture lines and gaps light up on a dark field),
+   with the mask optionally eroded by a few voxels so that its partial-volume rim (soft tissue,
+   discs) does not light up;
 6. optionally 7 constant one-hot channels naming the vertebra.
 
 Augmentations keep a crack a crack: small rotations and scalings, a left-right flip only (never
@@ -43,7 +45,8 @@ class Preprocess:
         all_mask: add a channel with every cervical vertebra of the stage-1 mask.
         vertebra_channels: add 7 constant one-hot channels naming the target vertebra.
         masked_image: dilation (voxels) of the target mask for a masked-image channel; None = off.
-        lucency: ``(below_hu, width_hu)`` of the lucency channel; None = off.
+        lucency: ``(below_hu, width_hu)`` or ``(below_hu, width_hu, erode_voxels)`` of the
+            lucency channel (the target mask is eroded by a (2e+1)³ cube first); None = off.
     """
 
     windows: Sequence[Sequence[float]] = field(default_factory=lambda: [BONE_WINDOW])
@@ -76,7 +79,7 @@ class Preprocess:
         hu = image.astype(np.float32)
         chans = [np.clip((hu - (lv - wd / 2)) / wd, 0.0, 1.0) for lv, wd in self.windows]
         if self.lucency is not None:
-            below, width = self.lucency
+            below, width = self.lucency[0], self.lucency[1]
             chans.append(np.clip((below - hu) / width, 0.0, 1.0))
         return np.stack(chans)
 
@@ -111,9 +114,21 @@ class Preprocess:
         if self.masked_image is not None:
             chans.append(img[:1] * self.dilate(msk[:1], self.masked_image))
         if self.lucency is not None:  # lucency only inside the target vertebra
-            chans.append(img[n:] * (msk[:1] > 0.5))
+            erode = int(self.lucency[2]) if len(self.lucency) > 2 else 0
+            inside = self.erode(msk[:1], erode) if erode > 0 else (msk[:1] > 0.5).float()
+            chans.append(img[n:] * inside)
         chans.append(self.vertebra_planes(vertebra, img.shape[1:]))
         return torch.cat(chans, dim=0)
+
+    @staticmethod
+    def erode(mask: torch.Tensor, radius: int) -> torch.Tensor:
+        """Binary erosion of (1, X, Y, Z) by a (2r+1)³ cube (scipy's separable min filter);
+        voxels beyond the crop count as outside."""
+        from scipy import ndimage
+
+        m = (mask > 0.5).to(torch.uint8).cpu().numpy()
+        m = ndimage.minimum_filter(m, size=(1,) + (2 * radius + 1,) * 3, mode="constant", cval=0)
+        return torch.from_numpy(m.astype(np.float32))
 
     @staticmethod
     def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:

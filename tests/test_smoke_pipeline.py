@@ -51,10 +51,23 @@ def test_make_smoke_runs_the_whole_chain_and_resumes(tmp_path):
                             str(work / "submission.csv")], capture_output=True, text=True)
     assert score.returncode == 0, score.stderr
 
-    # a second run reuses the trained models (the training steps skip finished work)
+    # a second run with the same configs reuses the trained models (training skips finished work)
+    configs = ["STAGE1_CONFIG=configs/stage1/cpu.yaml -c configs/smoke/stage1.yaml",
+               "STAGE2_CONFIG=configs/stage2/cpu.yaml -c configs/smoke/pipeline_stage2.yaml"]
     again = ["make", "--no-print-directory", "stage1-fit", "stage2-fit", f"DATA={data}",
-             f"WORK={work}", "STAGE2_FOLDS=0 1"]
+             f"WORK={work}", "STAGE2_FOLDS=0 1", *configs]
     second = subprocess.run(again, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "stage 1 fit: done" in second.stdout
     assert "stage 2 fold 0: done" in second.stdout and "stage 2 fold 1: done" in second.stdout
+
+    # changed settings: the finished fold is moved aside (not lost) and trained again
+    old_run = (work / "stage2" / "fold0" / "run.json").read_text()
+    changed = ["make", "--no-print-directory", "stage2-fit", "FOLD=0", f"DATA={data}",
+               f"WORK={work}", *configs, "STAGE2_ARGS=--seed_everything 7"]
+    third = subprocess.run(changed, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    assert "stage 2 fold 0: config or inputs changed" in third.stdout
+    assert (work / "stage2" / "fold0.stale" / "fold0" / "run.json").read_text() == old_run
+    assert (work / "stage2" / "fold0" / "run.json").is_file()
+    assert (work / "stage2" / "oof" / "fold0.csv").is_file()

@@ -146,3 +146,23 @@ def test_fast_dev_run_with_aux_boxes(tmp_path):
     assert cli.model.aux_head is not None
     aux = cli.datamodule.train_ds.aux
     assert aux[:, -1].sum() > 0 and aux[:, :-1].sum() > 0  # some crops know their fracture bins
+
+
+def test_mask_pooling_ignores_features_outside_the_target_vertebra():
+    import torch
+
+    from stage2_classify.nets import SmallCNN3d, masked_pool
+
+    feats = torch.zeros(2, 3, 4, 4, 4)
+    feats[:, :, 0, 0, 0] = 5.0  # a strong response in a corner, outside the mask
+    feats[:, :, 2:, 2:, 2:] = 1.0
+    mask = torch.zeros(2, 1, 8, 8, 8)
+    mask[0, 0, 4:, 4:, 4:] = 1.0  # sample 0: the target fills the far octant; sample 1: empty
+    pooled = masked_pool(feats, mask)
+    assert pooled.shape == (2, 6)
+    assert torch.allclose(pooled[0], torch.ones(6))  # mean 1 and max 1 inside the mask
+    assert float(pooled[1, 3]) == 5.0  # empty mask: pooled over the whole crop
+    net = SmallCNN3d(3, 8, widths=(4, 8), stem_stride=2, pool_mask_channel=1)
+    assert net(torch.rand(2, 3, 16, 16, 8)).shape == (2, 8)
+    with pytest.raises(ValueError, match="pool_mask_channel"):
+        SmallCNN3d(3, 8, pool_mask_channel=3)

@@ -55,3 +55,17 @@ def test_flip_lr_flips_only_the_left_right_axis():
     y = flip_lr(x)
     assert torch.equal(y[0, 0, 0], x[0, 0, 1]) and torch.equal(y[0, 0, 1], x[0, 0, 0])
     assert torch.equal(flip_lr(y), x)
+
+
+def test_lucency_channel_with_an_eroded_mask_ignores_the_rim():
+    image = np.full((9, 9, 9), 300, np.int16)
+    image[4, 2:7, 2:7] = 50  # a crack through the middle of the vertebra
+    image[1, :, :] = 0  # a dark rim face, partly inside the mask
+    mask = np.zeros((9, 9, 9), np.uint8)
+    mask[1:8, 1:8, 1:8] = 3
+    raw = Preprocess(lucency=[200.0, 150.0])(image, mask, "C3")[-1]
+    eroded = Preprocess(lucency=[200.0, 150.0, 1])(image, mask, "C3")[-1]
+    assert float(raw[4, 4, 4]) == 1.0 and float(eroded[4, 4, 4]) == 1.0  # the crack stays
+    assert float(raw[1, 4, 4]) == 1.0 and float(eroded[1, 4, 4]) == 0.0  # the rim goes
+    assert float(eroded[0, 4, 4]) == 0.0 and float(raw[5, 4, 4]) == 0.0  # outside / bright bone
+    assert Preprocess.from_dict(Preprocess(lucency=[200, 150, 1]).to_dict()).lucency == [200.0, 150.0, 1.0]
