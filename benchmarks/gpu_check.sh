@@ -10,7 +10,7 @@ set -euo pipefail
 OUT=${1:-${OUT:-/tmp/gpu_out}}
 mkdir -p "$OUT"
 PY=${PY:-python3}
-if ls .whl/*.whl >/dev/null 2>&1; then
+if [ -z "${DRY:-}" ] && ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
 else
@@ -18,13 +18,23 @@ else
 fi
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 T=${T:-/tmp/gpucheck}; rm -rf "$T"; mkdir -p "$T"
+# Without wandb installed (the GPU image has none) the configs' WandbLogger cannot even be
+# parsed: use copies of the base configs without a logger.
+S1BASE=configs/stage1/base.yaml; S2BASE=configs/stage2/base.yaml
+if [ -n "${NO_WANDB:-}" ] || ! $PY -c "import wandb" 2>/dev/null; then
+  for s in 1 2; do
+    $PY -c "import sys, yaml; c = yaml.safe_load(open(sys.argv[1])); c['trainer'].pop('logger', None); yaml.safe_dump(c, open(sys.argv[2], 'w'))" \
+      configs/stage$s/base.yaml "$T/stage${s}_base.yaml"
+  done
+  S1BASE=$T/stage1_base.yaml; S2BASE=$T/stage2_base.yaml
+fi
 if [ -n "${DRY:-}" ]; then
   DEV=(--trainer.accelerator cpu --trainer.precision 32-true --trainer.limit_train_batches 1
        --trainer.limit_val_batches 1 --data.num_workers 0)
   printf 'data:\n  grid_shape: [32, 32, 32]\n' > "$T/dry_stage1.yaml"
-  S1=(-c configs/stage1/base.yaml -c "$T/dry_stage1.yaml"); DEVICE=cpu; JOBS=2; E1=1; E2=1
+  S1=(-c "$S1BASE" -c "$T/dry_stage1.yaml"); DEVICE=cpu; JOBS=2; E1=1; E2=1
 else
-  DEV=(); S1=(-c configs/stage1/base.yaml); DEVICE=cuda; JOBS=8; E1=2; E2=3
+  DEV=(); S1=(-c "$S1BASE"); DEVICE=cuda; JOBS=8; E1=2; E2=3
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 fi
 S=$(date +%s)
@@ -46,7 +56,7 @@ $PY -m stage1_segment.crops "${S1[@]}" --data-root "$T/tiny" --work-dir "$T/w" \
   --jobs $JOBS 2>&1 | tail -1
 echo "== stage 2 fit (base.yaml), fold 0, $E2 epochs"
 t0=$(date +%s)
-$PY -m stage2_classify fit -c configs/stage2/base.yaml --data.fold 0 \
+$PY -m stage2_classify fit -c "$S2BASE" --data.fold 0 \
   --data.manifest "$T/w/stage1/crops/vertebrae.csv" --data.data_root "$T/tiny" \
   --data.folds_csv "$T/w/folds.csv" --trainer.default_root_dir "$T/w/stage2/fold0" \
   --trainer.logger false --trainer.max_epochs $E2 --oof_dir "$T/w/stage2/oof" "${DEV[@]}" 2>&1 | tail -4

@@ -32,7 +32,7 @@ DEV = "cuda"
 
 def _sync() -> None:
     if DEV == "cuda":
-        _sync()
+        torch.cuda.synchronize()
 
 
 def _autocast() -> torch.autocast:
