@@ -57,6 +57,33 @@ def _timed(fn, steps: int, warmup: int = 3) -> float:
     return (time.perf_counter() - t0) / steps
 
 
+def _time_train_and_infer(params, x: torch.Tensor, loss_of, infer_batch: int, lr: float
+                          ) -> tuple[float, float, float]:
+    """(train step s, inference s, peak GiB) of ``loss_of(x)`` under fp16 autocast with the loss
+    in fp32 (as the LightningModules do) and AdamW + GradScaler; inference on ``x[:infer_batch]``.
+    ``loss_of(x, train)`` returns the fp32 loss when ``train`` and runs the forward only otherwise."""
+    opt = torch.optim.AdamW(params, lr)
+    scaler = torch.amp.GradScaler(DEV, enabled=DEV == "cuda")
+
+    def train_step():
+        opt.zero_grad(set_to_none=True)
+        loss = loss_of(x, True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    if DEV == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t_train = _timed(train_step, 10)
+    mem = _peak_gib()
+
+    @torch.no_grad()
+    def infer():
+        loss_of(x[:infer_batch], False)
+
+    return t_train, _timed(infer, 10), mem
+
+
 def stage1_rows(batch: int = 2) -> list[tuple[str, str]]:
     from monai.losses import DiceCELoss
 
@@ -68,30 +95,14 @@ def stage1_rows(batch: int = 2) -> list[tuple[str, str]]:
     x = torch.randn(batch, 1, *shape, device=DEV)
     y = torch.randint(0, 8, (batch, 1, *shape), device=DEV)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    opt = torch.optim.AdamW(net.parameters(), 1e-3)
-    scaler = torch.amp.GradScaler(DEV, enabled=DEV == "cuda")
 
-    def train_step():
-        opt.zero_grad(set_to_none=True)
+    def loss_of(xb: torch.Tensor, train: bool) -> torch.Tensor | None:
+        net.train(train)
         with _autocast():
-            logits = net(x)
-        loss = loss_fn(logits.float(), y)  # loss in fp32, as Stage1Module does
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+            logits = net(xb)
+        return loss_fn(logits.float(), y) if train else None  # loss in fp32, as Stage1Module
 
-    if DEV == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t_train = _timed(train_step, 10)
-    mem = _peak_gib()
-    net.eval()
-
-    @torch.no_grad()
-    def infer():
-        with _autocast():
-            net(x[:1])
-
-    t_inf = _timed(infer, 10)
+    t_train, t_inf, mem = _time_train_and_infer(net.parameters(), x, loss_of, 1, 1e-3)
     return [("stage 1 UNet train step", f"{batch}×{shape} fp16-mixed: {t_train*1000:.0f} ms "
              f"({batch / t_train:.1f} volumes/s), peak {mem:.1f} GiB"),
             ("stage 1 UNet inference", f"1×{shape}: {t_inf*1000:.0f} ms per volume")]
@@ -113,33 +124,19 @@ def stage2_rows(batch: int = 16) -> list[tuple[str, str]]:
     x = torch.randn(batch, channels, *crop, device=DEV)
     y = torch.randint(0, 2, (batch,), device=DEV).float()
     head = torch.nn.LazyLinear(1).to(DEV)
-    opt = torch.optim.AdamW(list(net.parameters()), 3e-4)
-    scaler = torch.amp.GradScaler(DEV, enabled=DEV == "cuda")
     with torch.no_grad(), _autocast():
         head(net(x[:2]).float())
-    opt.add_param_group({"params": head.parameters()})
 
-    def train_step():
-        opt.zero_grad(set_to_none=True)
+    def loss_of(xb: torch.Tensor, train: bool) -> torch.Tensor | None:
+        net.train(train)
         with _autocast():
-            f = net(x)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(head(f.float())[:, 0], y)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+            f = net(xb)
+        if not train:
+            return None
+        return torch.nn.functional.binary_cross_entropy_with_logits(head(f.float())[:, 0], y)
 
-    if DEV == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t_train = _timed(train_step, 10)
-    mem = _peak_gib()
-    net.eval()
-
-    @torch.no_grad()
-    def infer():
-        with _autocast():
-            net(x[:7])
-
-    t_inf = _timed(infer, 10)
+    params = list(net.parameters()) + list(head.parameters())
+    t_train, t_inf, mem = _time_train_and_infer(params, x, loss_of, 7, 3e-4)
     return [("stage 2 net train step", f"{spec['class_path'].rsplit('.', 1)[1]} {batch}×{channels}ch×{crop} "
              f"fp16-mixed: {t_train*1000:.0f} ms ({batch / t_train:.0f} crops/s), peak {mem:.1f} GiB"),
             ("stage 2 net inference", f"7 crops (one study): {t_inf*1000:.0f} ms")]
