@@ -52,7 +52,7 @@ def bench(net: torch.nn.Module, shape: tuple[int, ...], in_ch: int, steps: int) 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shape", type=int, nargs=3, default=[48, 48, 32])
+    ap.add_argument("--shape", type=int, nargs=3, default=[48, 48, 20])
     ap.add_argument("--channels", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3)
