@@ -26,11 +26,19 @@ UID = "StudyInstanceUID"
 def chosen_checkpoint(trainer: Any, which: str = "last") -> tuple[Path, float | None]:
     """The checkpoint whose predictions become the fold's OOF rows, with its monitored score.
 
-    ``"last"`` (default) is the end of the cosine schedule; it is chosen without looking at the
-    validation fold, so the OOF score is not biased by checkpoint selection on the rows it scores.
+    ``"last"`` (default) is the end of the cosine schedule, written here from the trainer's final
+    state; it is chosen without looking at the validation fold, so the OOF score is not biased by
+    checkpoint selection on the rows it scores.
     ``"best"`` is the best ``val/comp_loss`` epoch (optimistic as an OOF estimate).
     """
     cbs = [cb for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+    if which == "last" and cbs:
+        # Lightning's save_last writes last.ckpt only in an epoch where a top-k checkpoint was
+        # saved, i.e. it holds the best epoch, selected on the very rows the OOF scores. Write
+        # the end-of-training state explicitly.
+        last = Path(cbs[0].dirpath) / "last.ckpt"
+        trainer.save_checkpoint(str(last))
+        return last, None
     if which == "best":
         for cb in cbs:
             if cb.best_model_path and Path(cb.best_model_path).exists():

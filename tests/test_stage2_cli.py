@@ -108,6 +108,10 @@ def test_fit_oof_evaluate_submit_on_tiny_preset(tiny_data, tmp_path):
     for k in (0, 1):
         _fit(world, k, epochs=2)
         assert (work / "stage2" / "oof" / f"fold{k}.csv").exists()
+        run = json.loads((work / "stage2" / f"fold{k}" / "run.json").read_text())
+        state = torch.load(run["checkpoint"], map_location="cpu", weights_only=False)
+        # saved after the last epoch (the counter then reads max_epochs), not at the best epoch
+        assert state["epoch"] == 2
     metrics = evaluate(work, tiny_data, rule="stacker", clip=(1e-3, 1 - 1e-3))
     assert set(metrics["rules"]) == {"noisy_or", "max", "stacker"}
     assert {"comp_loss", "comp_loss_global"} <= set(metrics["baseline_prevalence"])
@@ -166,3 +170,24 @@ def test_mask_pooling_ignores_features_outside_the_target_vertebra():
     assert net(torch.rand(2, 3, 16, 16, 8)).shape == (2, 8)
     with pytest.raises(ValueError, match="pool_mask_channel"):
         SmallCNN3d(3, 8, pool_mask_channel=3)
+
+
+def test_oof_last_checkpoint_is_the_final_state_not_lightnings_last_best(tmp_path):
+    """Lightning's ``save_last`` rewrites last.ckpt only in epochs that saved a top-k checkpoint, so
+    it can hold the best validation epoch; the OOF writer must save the final state itself."""
+    from types import SimpleNamespace
+
+    from stage2_classify.oof import chosen_checkpoint
+
+    (tmp_path / "last.ckpt").write_text("best epoch")
+
+    class Trainer:
+        checkpoint_callbacks = [SimpleNamespace(dirpath=str(tmp_path), best_model_path="",
+                                                last_model_path=str(tmp_path / "last.ckpt"))]
+
+        def save_checkpoint(self, path: str) -> None:
+            Path(path).write_text("final state")
+
+    path, score = chosen_checkpoint(Trainer(), "last")
+    assert path == tmp_path / "last.ckpt" and score is None
+    assert path.read_text() == "final state"
