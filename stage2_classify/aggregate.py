@@ -68,17 +68,25 @@ def overall_sample_weight(y: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Stacker:
-    """Logistic-regression calibrator for ``patient_overall``.
+    """Logistic-regression stacker for ``patient_overall`` and calibrator for C1..C7.
+
+    ``patient_overall`` = σ(coef · stack_features(p) + intercept). The vertebra columns are
+    recalibrated as ``σ(a · logit p_v + b_v)`` (one slope, one intercept per vertebra; ``vcoef`` =
+    [a, b_C1 … b_C7]), fitted with each (study, vertebra) term's share of the per-study metric as
+    sample weight: a CNN trained to the end of its schedule is over-confident, and the log loss
+    punishes that while AUC does not see it.
 
     Attributes:
-        C: inverse L2 regularisation strength.
+        C: inverse L2 regularisation strength (both fits).
         coef: fitted coefficients (9,), intercept: fitted intercept.
+        vcoef: vertebra calibration [slope, 7 intercepts]; empty = no calibration (older files).
         fitted_on: the study UIDs it was fitted on (for leakage checks).
     """
 
     C: float = 1.0
     coef: list[float] = field(default_factory=list)
     intercept: float = 0.0
+    vcoef: list[float] = field(default_factory=list)
     fitted_on: list[str] = field(default_factory=list)
 
     def fit(self, p7: pd.DataFrame, y: pd.DataFrame) -> "Stacker":
@@ -96,8 +104,33 @@ class Stacker:
             lr = LogisticRegression(C=self.C, max_iter=2000)
             lr.fit(x, target, sample_weight=sw / sw.mean())
             self.coef, self.intercept = lr.coef_[0].tolist(), float(lr.intercept_[0])
+        self.vcoef = self._fit_vertebrae(p7[list(VERTEBRAE)].to_numpy(float), y)
         self.fitted_on = [str(u) for u in p7.index]
         return self
+
+    def _fit_vertebrae(self, p: np.ndarray, y: np.ndarray) -> list[float]:
+        """[slope, 7 intercepts] of the vertebra calibration; identity if one class only."""
+        from sklearn.linear_model import LogisticRegression
+
+        w = weight_matrix(y, TARGETS)
+        share = w / w.sum(axis=1, keepdims=True)
+        cols = [TARGETS.index(v) for v in VERTEBRAE]
+        target, sw = y[:, cols].ravel(), share[:, cols].ravel()
+        if np.unique(target).size < 2:
+            return []
+        n = p.shape[0]
+        x = np.column_stack([_logit(p).ravel(), np.tile(np.eye(len(VERTEBRAE)), (n, 1))])
+        lr = LogisticRegression(C=self.C, max_iter=2000, fit_intercept=False)
+        lr.fit(x, target, sample_weight=sw / sw.mean())
+        return lr.coef_[0].tolist()
+
+    def calibrate(self, p7: np.ndarray) -> np.ndarray:
+        """Calibrated vertebra probabilities (N, 7) from raw ones (N, 7); unchanged without vcoef."""
+        p7 = np.asarray(p7, float)
+        if not self.vcoef:
+            return p7
+        z = self.vcoef[0] * _logit(p7) + np.asarray(self.vcoef[1:])[None, :]
+        return 1.0 / (1.0 + np.exp(-z))
 
     def predict(self, p7: np.ndarray) -> np.ndarray:
         """``patient_overall`` probabilities (N,) from vertebra probabilities (N, 7)."""
@@ -109,12 +142,13 @@ class Stacker:
     def save(self, path: str | Path) -> None:
         """Write the fitted stacker as JSON (atomic)."""
         write_json(path, {"C": self.C, "coef": self.coef, "intercept": self.intercept,
-                          "n_fitted": len(self.fitted_on)})
+                          "vcoef": self.vcoef, "n_fitted": len(self.fitted_on)})
 
     @classmethod
     def load(cls, path: str | Path) -> "Stacker":
         d = json.loads(Path(path).read_text())
-        return cls(C=d["C"], coef=list(d["coef"]), intercept=float(d["intercept"]))
+        return cls(C=d["C"], coef=list(d["coef"]), intercept=float(d["intercept"]),
+                   vcoef=list(d.get("vcoef", [])))
 
 
 def nested_stacker(p7: pd.DataFrame, y: pd.DataFrame, folds: pd.Series, C: float = 1.0
@@ -173,12 +207,15 @@ def aggregate(p7: pd.DataFrame, rule: Rule = "noisy_or", stacker: Stacker | None
 
     Args:
         p7: indexed by StudyInstanceUID, columns C1..C7 (absent vertebrae already hold the prior).
-        rule: how ``patient_overall`` is made.
+        rule: how ``patient_overall`` is made (``stacker`` also recalibrates C1..C7).
         stacker: the fitted stacker for ``rule="stacker"``.
         clip: final probability range.
     """
     wide = p7[list(VERTEBRAE)].astype(float).copy()
-    wide[OVERALL] = overall_by_rule(wide.to_numpy(float), rule, stacker)
+    raw = wide.to_numpy(float)
+    wide[OVERALL] = overall_by_rule(raw, rule, stacker)
+    if rule == "stacker" and stacker is not None:  # the stacker also recalibrates C1..C7
+        wide[list(VERTEBRAE)] = stacker.calibrate(raw)
     return clip_probs(wide[list(TARGETS)], clip)
 
 

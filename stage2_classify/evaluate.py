@@ -37,8 +37,12 @@ def rule_predictions(oof: pd.DataFrame, y: pd.DataFrame, clip: tuple[float, floa
     """Wide predictions (TARGETS) of every aggregation rule on the OOF rows (stacker nested)."""
     p7 = oof[list(VERTEBRAE)]
     out = {r: aggregate(p7, r, clip=clip) for r in RULES if r != "stacker"}
-    overall, _ = nested_stacker(p7, y, oof["fold"], C=C)
-    out["stacker"] = clip_probs(p7.assign(**{OVERALL: overall})[list(TARGETS)], clip)
+    overall, stackers = nested_stacker(p7, y, oof["fold"], C=C)
+    calibrated = p7[list(VERTEBRAE)].astype(float).copy()
+    for k, st in stackers.items():  # vertebra calibration nested like the overall stacker
+        rows = oof.index[oof["fold"] == k]
+        calibrated.loc[rows] = st.calibrate(p7.loc[rows, list(VERTEBRAE)].to_numpy(float))
+    out["stacker"] = clip_probs(calibrated.assign(**{OVERALL: overall})[list(TARGETS)], clip)
     return out
 
 

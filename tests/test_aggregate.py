@@ -99,3 +99,27 @@ def test_stacker_roundtrips_through_json(tmp_path):
     st.save(tmp_path / "stacker.json")
     back = Stacker.load(tmp_path / "stacker.json")
     np.testing.assert_allclose(back.predict(p7.to_numpy()), st.predict(p7.to_numpy()))
+
+
+def test_stacker_recalibrates_overconfident_vertebrae(tmp_path):
+    rng = np.random.default_rng(2)
+    n = 600
+    uids = [f"s{i}" for i in range(n)]
+    q = rng.uniform(0.02, 0.6, (n, 7))  # the true fracture probabilities: calibrated as they are
+    y = pd.DataFrame((rng.random((n, 7)) < q).astype(int), columns=list(VERTEBRAE), index=uids)
+    y[OVERALL] = y.max(axis=1)
+    logit = np.log(q / (1 - q))
+    sharp = pd.DataFrame(1 / (1 + np.exp(-4 * logit)), columns=list(VERTEBRAE), index=uids)
+    # the same ranking, four times too confident
+    st = Stacker(C=10.0).fit(sharp, y)
+    assert len(st.vcoef) == 8 and 0.1 < st.vcoef[0] < 0.45  # the slope undoes the ×4 (ideal 0.25)
+    calibrated = st.calibrate(sharp.to_numpy())
+    order = np.argsort(sharp.to_numpy()[:, 0])
+    assert np.all(np.diff(calibrated[order, 0]) >= 0)  # monotone: the ranking (AUC) is kept
+    stacked = aggregate(sharp, "stacker", stacker=st)
+    raw = aggregate(sharp, "noisy_or").assign(**{OVERALL: stacked[OVERALL]})
+    assert competition_loss(y, stacked) < competition_loss(y, raw) - 0.05
+    st.save(tmp_path / "stacker.json")
+    again = Stacker.load(tmp_path / "stacker.json")
+    np.testing.assert_allclose(again.calibrate(sharp.to_numpy()), calibrated)
+    assert Stacker(coef=[0.0] * 9).calibrate(sharp.to_numpy()) is not None  # old files: identity
