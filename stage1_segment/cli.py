@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from pytorch_lightning.callbacks import ModelCheckpoint
+from common.checkpoints import EpochEndModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from common.labels import num_classes
@@ -75,7 +75,7 @@ class Stage1CLI(LightningCLI):
     """LightningCLI with the stage-1 links, checkpoint and crop groups (module docstring)."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:  # noqa: D102
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(EpochEndModelCheckpoint, "checkpoint")
         parser.set_defaults({
             "checkpoint.monitor": "val/dice_mean", "checkpoint.mode": "max",
             "checkpoint.save_last": True, "checkpoint.save_top_k": 1,
