@@ -59,8 +59,9 @@ class LoggedSaveConfigCallback(SaveConfigCallback):
             stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
             name = getattr(stage, "value", stage)
             self.config_filename = os.path.join("configs", f"{name}-{run or stamp}.yaml")
-            if trainer.is_global_zero and trainer.log_dir:
-                Path(trainer.log_dir, "configs").mkdir(parents=True, exist_ok=True)
+            log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
+            if trainer.is_global_zero and log_dir:
+                Path(log_dir, "configs").mkdir(parents=True, exist_ok=True)
         super().setup(trainer, pl_module, stage)
 
     def save_config(self, trainer, pl_module, stage: str) -> None:  # noqa: D102 (rank 0 only)

@@ -94,14 +94,18 @@ class Stage2CLI(LightningCLI):
 
     def after_fit(self) -> None:
         """Write run.json and the fold's OOF predictions from the best (else last) checkpoint."""
-        from stage2_classify.oof import write_fold_oof
+        from stage2_classify.oof import save_final_checkpoint, write_fold_oof
 
-        if not self.trainer.is_global_zero or self.trainer.fast_dev_run:
+        if self.trainer.fast_dev_run:
+            return
+        which = self._sub().get("oof_checkpoint") or "last"
+        if which == "last":
+            save_final_checkpoint(self.trainer)  # every rank: save_checkpoint is collective
+        if not self.trainer.is_global_zero:
             return
         root = Path(self.trainer.default_root_dir)
         oof_dir = Path(self._sub().get("oof_dir") or root.parent / "oof")
-        write_fold_oof(self.trainer, self.model, self.datamodule, root, oof_dir,
-                       self._sub().get("oof_checkpoint") or "last")
+        write_fold_oof(self.trainer, self.model, self.datamodule, root, oof_dir, which)
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> Stage2CLI:

@@ -23,22 +23,33 @@ from stage2_classify.aggregate import aggregate, clip_probs, crops_to_study
 UID = "StudyInstanceUID"
 
 
+def save_final_checkpoint(trainer: Any) -> Path | None:
+    """Write the end-of-training state as ``<checkpoint dir>/last.ckpt``; call on **every** rank
+    (Lightning's ``save_checkpoint`` synchronises the ranks, rank 0 writes).
+
+    Lightning's own ``save_last`` rewrites last.ckpt only in an epoch that saved a top-k
+    checkpoint, so with a stock ``ModelCheckpoint`` it can hold the best validation epoch, chosen
+    on the very rows the OOF scores; the shipped configs use
+    :class:`common.checkpoints.EpochEndModelCheckpoint`, and this makes any config safe.
+    Returns the path, or None without a checkpoint callback.
+    """
+    cbs = [cb for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+    if not cbs:
+        return None
+    last = Path(cbs[0].dirpath) / "last.ckpt"
+    trainer.save_checkpoint(str(last))
+    return last
+
+
 def chosen_checkpoint(trainer: Any, which: str = "last") -> tuple[Path, float | None]:
     """The checkpoint whose predictions become the fold's OOF rows, with its monitored score.
 
-    ``"last"`` (default) is the end of the cosine schedule, written here from the trainer's final
-    state; it is chosen without looking at the validation fold, so the OOF score is not biased by
-    checkpoint selection on the rows it scores.
+    ``"last"`` (default) is the end of the cosine schedule (:func:`save_final_checkpoint`); it is
+    chosen without looking at the validation fold, so the OOF score is not biased by checkpoint
+    selection on the rows it scores.
     ``"best"`` is the best ``val/comp_loss`` epoch (optimistic as an OOF estimate).
     """
     cbs = [cb for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
-    if which == "last" and cbs:
-        # Lightning's save_last writes last.ckpt only in an epoch where a top-k checkpoint was
-        # saved, i.e. it holds the best epoch, selected on the very rows the OOF scores. Write
-        # the end-of-training state explicitly.
-        last = Path(cbs[0].dirpath) / "last.ckpt"
-        trainer.save_checkpoint(str(last))
-        return last, None
     if which == "best":
         for cb in cbs:
             if cb.best_model_path and Path(cb.best_model_path).exists():

@@ -174,10 +174,10 @@ def test_mask_pooling_ignores_features_outside_the_target_vertebra():
 
 def test_oof_last_checkpoint_is_the_final_state_not_lightnings_last_best(tmp_path):
     """Lightning's ``save_last`` rewrites last.ckpt only in epochs that saved a top-k checkpoint, so
-    it can hold the best validation epoch; the OOF writer must save the final state itself."""
+    it can hold the best validation epoch; after fit the final state is saved over it."""
     from types import SimpleNamespace
 
-    from stage2_classify.oof import chosen_checkpoint
+    from stage2_classify.oof import chosen_checkpoint, save_final_checkpoint
 
     (tmp_path / "last.ckpt").write_text("best epoch")
 
@@ -188,6 +188,7 @@ def test_oof_last_checkpoint_is_the_final_state_not_lightnings_last_best(tmp_pat
         def save_checkpoint(self, path: str) -> None:
             Path(path).write_text("final state")
 
+    assert save_final_checkpoint(Trainer()) == tmp_path / "last.ckpt"
     path, score = chosen_checkpoint(Trainer(), "last")
     assert path == tmp_path / "last.ckpt" and score is None
     assert path.read_text() == "final state"
