@@ -12,17 +12,13 @@ Usage: python benchmarks/gpu_throughput.py --stage1-ckpt S1.ckpt --stage2-ckpt S
 from __future__ import annotations
 
 import argparse
-import importlib
 import time
 from pathlib import Path
 
 import torch
 import yaml
 
-
-def _build(spec: dict) -> torch.nn.Module:
-    module, _, name = spec["class_path"].rpartition(".")
-    return getattr(importlib.import_module(module), name)(**spec.get("init_args", {}))
+from stage2_classify.inference import instantiate_net
 
 
 #: Device of the run: "cuda" (the purpose of this script) or "cpu" (``--device cpu``: a dry run
@@ -90,7 +86,7 @@ def stage1_rows(batch: int = 2) -> list[tuple[str, str]]:
     cfg = yaml.safe_load(Path("configs/stage1/base.yaml").read_text())
     spec = cfg["model"]["net"]
     spec["init_args"]["out_channels"] = 8
-    net = _build(spec).to(DEV)
+    net = instantiate_net(spec).to(DEV)
     shape = cfg["data"]["grid_shape"]
     x = torch.randn(batch, 1, *shape, device=DEV)
     y = torch.randint(0, 8, (batch, 1, *shape), device=DEV)
@@ -120,7 +116,7 @@ def stage2_rows(batch: int = 16) -> list[tuple[str, str]]:
                             d.get("vertebra_channels", False), d.get("masked_image"),
                             d.get("lucency"))
     spec["init_args"]["in_channels"] = channels
-    net = _build(spec).to(DEV)
+    net = instantiate_net(spec).to(DEV)
     x = torch.randn(batch, channels, *crop, device=DEV)
     y = torch.randint(0, 2, (batch,), device=DEV).float()
     head = torch.nn.LazyLinear(1).to(DEV)

@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from common.checkpoints import EpochEndModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from common.checkpoints import EpochEndModelCheckpoint
 from common.labels import num_classes
 from stage1_segment.crops import CropConfig
 from stage1_segment.data import Stage1DataModule

@@ -37,12 +37,11 @@ def rule_predictions(oof: pd.DataFrame, y: pd.DataFrame, clip: tuple[float, floa
     """Wide predictions (TARGETS) of every aggregation rule on the OOF rows (stacker nested)."""
     p7 = oof[list(VERTEBRAE)]
     out = {r: aggregate(p7, r, clip=clip) for r in RULES if r != "stacker"}
-    overall, stackers = nested_stacker(p7, y, oof["fold"], C=C)
-    calibrated = p7[list(VERTEBRAE)].astype(float).copy()
-    for k, st in stackers.items():  # vertebra calibration nested like the overall stacker
-        rows = oof.index[oof["fold"] == k]
-        calibrated.loc[rows] = st.calibrate(p7.loc[rows, list(VERTEBRAE)].to_numpy(float))
-    out["stacker"] = clip_probs(calibrated.assign(**{OVERALL: overall})[list(TARGETS)], clip)
+    _, stackers = nested_stacker(p7, y, oof["fold"], C=C)
+    # each fold's rows through aggregate() with the stacker fitted on the other folds: the same
+    # path (overall + C1..C7 calibration) as make submit and cspine predict
+    parts = [aggregate(p7.loc[oof["fold"] == k], "stacker", st, clip) for k, st in stackers.items()]
+    out["stacker"] = pd.concat(parts).loc[p7.index]
     return out
 
 

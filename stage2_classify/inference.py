@@ -30,7 +30,8 @@ from stage2_classify.transforms import Preprocess
 CropInput = tuple[np.ndarray, np.ndarray, np.ndarray] | None
 
 
-def _instantiate(config: dict) -> torch.nn.Module:
+def instantiate_net(config: dict) -> torch.nn.Module:
+    """A network from a ``{class_path, init_args}`` config (as in the YAML and checkpoints)."""
     module, _, name = config["class_path"].rpartition(".")
     return getattr(importlib.import_module(module), name)(**config.get("init_args", {}))
 
@@ -42,7 +43,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Cr
         raise ValueError(f"{path}: not a stage-2 checkpoint (no net_config); train with "
                          f"`python -m stage2_classify fit`")
     hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
-    model = CropClassifier(net=_instantiate(ckpt["net_config"]), **hparams)
+    model = CropClassifier(net=instantiate_net(ckpt["net_config"]), **hparams)
     model.load_state_dict(ckpt["state_dict"])
     model.net_config = ckpt["net_config"]
     return model.to(map_location).eval()

@@ -122,24 +122,27 @@ class Preprocess:
 
     @staticmethod
     def erode(mask: torch.Tensor, radius: int) -> torch.Tensor:
-        """Binary erosion of (1, X, Y, Z) by a (2r+1)³ cube (scipy's separable min filter);
-        voxels beyond the crop count as outside."""
-        from scipy import ndimage
-
-        m = (mask > 0.5).to(torch.uint8).cpu().numpy()
-        m = ndimage.minimum_filter(m, size=(1,) + (2 * radius + 1,) * 3, mode="constant", cval=0)
-        return torch.from_numpy(m.astype(np.float32))
+        """Binary erosion of (1, X, Y, Z) by a (2r+1)³ cube; voxels beyond the crop count as
+        outside."""
+        return _cube_filter(mask, radius, "minimum")
 
     @staticmethod
     def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
-        """Binary dilation of (1, X, Y, Z) by a (2r+1)³ cube (scipy's separable max filter on
-        uint8: ~1 ms per 48×48×32 crop, against ~30 ms for torch's cube ``max_pool3d`` on CPU)."""
-        from scipy import ndimage
+        """Binary dilation of (1, X, Y, Z) by a (2r+1)³ cube."""
+        return _cube_filter(mask, radius, "maximum")
 
-        m = (mask > 0.5).to(torch.uint8).cpu().numpy()
-        if radius > 0:
-            m = ndimage.maximum_filter(m, size=(1,) + (2 * radius + 1,) * 3, mode="constant")
-        return torch.from_numpy(m.astype(np.float32))
+
+def _cube_filter(mask: torch.Tensor, radius: int, op: str) -> torch.Tensor:
+    """Binary min/max filter of a (1, X, Y, Z) mask over a (2r+1)³ cube, zero outside, as float32
+    (scipy's separable filter on uint8: ~1 ms per 48×48×32 crop, against ~30 ms for torch's cube
+    ``max_pool3d`` on CPU)."""
+    from scipy import ndimage
+
+    m = (mask > 0.5).to(torch.uint8).cpu().numpy()
+    if radius > 0:
+        filt = ndimage.minimum_filter if op == "minimum" else ndimage.maximum_filter
+        m = filt(m, size=(1,) + (2 * radius + 1,) * 3, mode="constant", cval=0)
+    return torch.from_numpy(m.astype(np.float32))
 
 
 def build_augment(rotate_deg: float = 10.0, scale: float = 0.1, translate_vox: float = 2.0,
