@@ -91,7 +91,7 @@ crops: install  ## per-vertebra crops (STAGE1_CONFIG crops:) from DATA + WORK/st
 STAGE2_CONFIG ?= configs/stage2/cpu.yaml
 STAGE2_FOLDS ?= 0 1 2 3 4
 STAGE2_ARGS ?=
-AGG_RULE ?= stacker
+AGG_RULE ?= max
 CLIP ?= 0.001 0.999
 .PHONY: stage2-fit evaluate submit
 stage2-fit: install  ## train stage 2 (FOLD=k, else every fold in turn; STAGE2_CONFIG) on WORK/stage1/crops/vertebrae.csv + DATA/train.csv + WORK/folds.csv -> WORK/stage2/fold<k>/ (checkpoints, run.json, wandb), WORK/stage2/oof/fold<k>.csv; a finished fold with unchanged config and inputs is skipped (a stale one moves to fold<k>.stale/), an interrupted one resumes from last.ckpt

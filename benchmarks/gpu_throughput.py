@@ -114,7 +114,7 @@ def stage2_rows(batch: int = 16) -> list[tuple[str, str]]:
     d = cfg["data"]
     channels = num_channels(d["windows"], d.get("all_mask", False),
                             d.get("vertebra_channels", False), d.get("masked_image"),
-                            d.get("lucency"))
+                            d.get("lucency"), d.get("lucency_fill", False), d.get("gap"))
     spec["init_args"]["in_channels"] = channels
     net = instantiate_net(spec).to(DEV)
     x = torch.randn(batch, channels, *crop, device=DEV)

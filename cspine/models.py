@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stage2_classify.aggregate import DEFAULT_RULE, RULES
+
 
 class PredictError(RuntimeError):
     """Input or model problem that stops a prediction; the message is one line for the user."""
@@ -32,7 +34,7 @@ class ModelSpec:
         stage1: stage-1 checkpoint (``.ckpt``).
         stage2: stage-2 fold checkpoints (averaged in probability space).
         crops: crop settings of ``stage1_segment.crops.CropConfig`` used to train stage 2.
-        rule: ``patient_overall`` rule (``stacker`` when a stacker file is given, else noisy_or).
+        rule: ``patient_overall`` rule (from a WORK folder: the rule ``make evaluate`` used).
         stacker: ``stacker.json`` fitted by ``make evaluate`` (None: not used).
         source: the WORK folder or bundle the spec was read from.
     """
@@ -91,9 +93,22 @@ def models_from_work(work: str | os.PathLike) -> ModelSpec:
     crops_run = s1 / "crops" / "run.json"
     crops = json.loads(crops_run.read_text()).get("crops", {}) if crops_run.is_file() else {}
     stacker = work / "stage2" / "stacker.json"
-    return ModelSpec(stage1=stage1, stage2=stage2, crops=crops,
-                     rule="stacker" if stacker.is_file() else "noisy_or",
-                     stacker=stacker if stacker.is_file() else None, source=str(work))
+    rule = evaluated_rule(work)
+    if rule == "stacker" and not stacker.is_file():
+        rule = DEFAULT_RULE
+    return ModelSpec(stage1=stage1, stage2=stage2, crops=crops, rule=rule,
+                     stacker=stacker if rule == "stacker" else None, source=str(work))
+
+
+def evaluated_rule(work: Path) -> str:
+    """The ``patient_overall`` rule that ``make evaluate`` scored and ``make submit`` uses
+    (``WORK/metrics.json`` → ``rule``), or the default rule when there is none."""
+    metrics = work / "metrics.json"
+    if metrics.is_file():
+        rule = json.loads(metrics.read_text()).get("rule")
+        if rule in RULES:
+            return str(rule)
+    return DEFAULT_RULE
 
 
 def models_from_bundle(bundle: str | os.PathLike) -> ModelSpec:

@@ -2,7 +2,8 @@
 
 Links (derived values are never typed twice):
 
-* ``data.windows, data.all_mask, data.vertebra_channels, data.masked_image, data.lucency`` →
+* ``data.windows, data.all_mask, data.vertebra_channels, data.masked_image, data.lucency,
+  data.lucency_fill, data.gap`` →
   ``model.net.init_args.in_channels``
   (channel count) and → ``model.preprocess`` (kept in the checkpoint for inference);
 * ``data.aux_bins`` → ``model.aux_bins``.
@@ -24,7 +25,7 @@ from stage2_classify.data import CropDataModule, num_channels, preprocess_dict
 from stage2_classify.module import CropClassifier
 
 CHANNEL_SOURCES = ("data.windows", "data.all_mask", "data.vertebra_channels", "data.masked_image",
-                   "data.lucency")
+                   "data.lucency", "data.lucency_fill", "data.gap")
 
 
 class WandbSaveConfigCallback(SaveConfigCallback):

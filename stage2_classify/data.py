@@ -14,14 +14,15 @@ import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler, default_collate
 
 from common.dataset import RSNADataset
 from common.folds import ensure_folds
 from common.labels import TARGETS, VERTEBRAE
 from common.manifest import read_manifest
 from common.metric import baseline_prevalence
-from stage2_classify.transforms import BONE_WINDOW, Preprocess, build_augment
+from stage2_classify.augment import BatchAugment
+from stage2_classify.transforms import BONE_WINDOW, Preprocess
 
 UID = "StudyInstanceUID"
 
@@ -59,38 +60,47 @@ def crop_z_of_file_numbers(row: pd.Series, numbers: Sequence[int], crop_z: int) 
     return (src_z - face_lo) / scale - 0.5
 
 
-class CropDataset(Dataset):
-    """Present crops of a manifest as network inputs.
+PARTS = ("image", "maps", "mask")
 
-    Each item: ``x`` float32 (C, X, Y, Z), ``vertebra`` int64 (0..6), ``y`` float32 label (NaN for
-    test rows), ``index`` int64 row index into ``rows``, and ``aux``/``aux_mask`` float32
-    (bins,) / () when box targets are given.
+
+class CropDataset(Dataset):
+    """Present crops of a manifest, prepared (``Preprocess.prepare``) but not yet assembled.
+
+    Each item: the parts ``image`` float32 (W, X, Y, Z), ``maps`` float32 (K, X, Y, Z) (only when
+    lucency or bone gaps are on) and ``mask`` uint8 (M, X, Y, Z); ``vertebra`` int64 (0..6), ``y``
+    float32 label (NaN for test rows), ``index`` int64 row index into ``rows``, and
+    ``aux``/``aux_mask`` float32 (bins,) / () when box targets are given. :func:`batch_inputs`
+    turns a collated batch into the network input ``x`` (after augmentation, when training).
     """
 
     def __init__(self, rows: pd.DataFrame, preprocess: Preprocess, labels: np.ndarray | None = None,
-                 augment: Any = None, cache: bool = True, aux: np.ndarray | None = None) -> None:
+                 cache: bool = True, aux: np.ndarray | None = None) -> None:
         self.rows = rows.reset_index(drop=True)
         self.preprocess = preprocess
         self.labels = labels
-        self.augment = augment
         self.aux = aux
-        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] | None = {} if cache else None
+        self._cache: dict[int, dict[str, torch.Tensor]] | None = {} if cache else None
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+    def _prepared(self, i: int) -> dict[str, torch.Tensor]:
+        """The crop's deterministic parts (``Preprocess.prepare``; mask as uint8), cached when
+        ``cache`` is on: the morphology of the gap and lucency maps then runs once per crop, not
+        once per epoch."""
         if self._cache is not None and i in self._cache:
-            return self._cache[i]
-        image, mask, _ = load_crop(self.rows.at[i, "crop_path"])
-        if self._cache is not None:
-            self._cache[i] = (image, mask)
-        return image, mask
+            item = self._cache[i]
+        else:
+            image, mask, _ = load_crop(self.rows.at[i, "crop_path"])
+            item = self.preprocess.prepare(image, mask, str(self.rows.at[i, "vertebra"]))
+            item = {k: v.to(torch.uint8) if k == "mask" else v for k, v in item.items()}
+            if self._cache is not None:
+                self._cache[i] = item
+        return dict(item)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        image, mask = self._load(i)
         v = str(self.rows.at[i, "vertebra"])
-        item = {"x": self.preprocess(image, mask, v, self.augment),
+        item = {**self._prepared(i),
                 "vertebra": torch.tensor(VERTEBRAE.index(v)),
                 "y": torch.tensor(float(self.labels[i]) if self.labels is not None else float("nan")),
                 "index": torch.tensor(i)}
@@ -98,6 +108,32 @@ class CropDataset(Dataset):
             item["aux"] = torch.from_numpy(self.aux[i, :-1].astype(np.float32))
             item["aux_mask"] = torch.tensor(float(self.aux[i, -1]))
         return item
+
+
+def batch_inputs(batch: dict[str, Any], preprocess: Preprocess,
+                 augment: BatchAugment | None = None) -> dict[str, Any]:
+    """Replace a collated batch's parts (``image``, ``maps``, ``mask``) by the network input
+    ``x`` float32 (B, C, X, Y, Z), augmenting the batch first when ``augment`` is given.
+    Runs on the batch's device."""
+    out = {k: v for k, v in batch.items() if k not in PARTS}
+    parts = {k: batch[k].float() for k in PARTS if k in batch}
+    if augment is not None:
+        parts = augment(parts)
+    out["x"] = preprocess.assemble_batch(parts, batch["vertebra"])
+    return out
+
+
+class AugmentingCollate:
+    """``default_collate``, then :class:`BatchAugment` on the batch's parts: the augmentation of
+    ``augment_on: worker``, run by the DataLoader worker (picklable)."""
+
+    def __init__(self, augment: BatchAugment) -> None:
+        self.augment = augment
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = default_collate(items)
+        batch.update(self.augment({k: batch[k].float() for k in PARTS if k in batch}))
+        return batch
 
 
 class CropDataModule(pl.LightningDataModule):
@@ -118,31 +154,41 @@ class CropDataModule(pl.LightningDataModule):
             voxels (None = no such channel).
         lucency: ``(below_hu, width_hu[, erode_voxels])``: add the target vertebra's lucency map
             ``clip((below − HU) / width, 0, 1)`` (None = no such channel).
-        augment: train-time augmentation on/off; the other ``aug_*`` values tune it
-            (``aug_affine_prob``: share of crops that get the random affine, the costly part on
-            CPU: about 8 ms per 48×48×32 crop against 1–3 ms for flip, intensity and noise).
+        lucency_fill: close and hole-fill the target mask before the lucency erosion.
+        gap: ``(bone_hu, closing_steps)``: add the bone-gap channel (thin lucent gaps in bone
+            that a binary closing fills, around the target vertebra; None = no such channel).
+        augment: train-time augmentation on/off (``stage2_classify.augment.BatchAugment``, on
+            whole batches on the training device); the other ``aug_*`` values tune it
+            (``aug_affine_prob``: share of crops that get the random affine).
+        augment_on: ``"device"`` augments each batch where it trains (after the transfer to the
+            GPU); ``"worker"`` augments it in the DataLoader worker that collates it (on 2 CPU
+            cores the worker's core would otherwise idle while the network runs on the other).
         sampler: ``"shuffle"`` or ``"balanced"`` (positives drawn with probability ``pos_fraction``).
         pos_fraction: share of positive crops per epoch with the balanced sampler.
         aux_boxes: build per-crop z-bin targets from train_bounding_boxes.csv.
         aux_bins: number of z bins of the auxiliary target.
-        cache: keep crops in memory after the first read.
+        cache: keep each crop's prepared channels in memory after the first read (in every
+            DataLoader worker: about 14 bytes per crop voxel with 3 image channels; for the
+            48×48×20 demo crops ~0.6 MB each, for 96×96×64 real-data crops ~8 MB each, so turn it
+            off for the full dataset).
     """
 
     def __init__(self, manifest: str, data_root: str, folds_csv: str, fold: int = 0,
                  n_folds: int = 5, batch_size: int = 16, num_workers: int = 0,
                  windows: list[tuple[float, float]] = [BONE_WINDOW], all_mask: bool = False,
                  vertebra_channels: bool = False, masked_image: int | None = None,
-                 lucency: list[float] | None = None,
-                 augment: bool = True, aug_rotate_deg: float = 10.0,
+                 lucency: list[float] | None = None, lucency_fill: bool = False,
+                 gap: list[float] | None = None, augment: bool = True, aug_rotate_deg: float = 10.0,
                  aug_scale: float = 0.1, aug_flip_lr: bool = True, aug_noise_std: float = 0.02,
-                 aug_affine_prob: float = 0.8,
+                 aug_affine_prob: float = 0.8, augment_on: Literal["device", "worker"] = "device",
                  sampler: Literal["shuffle", "balanced"] = "shuffle", pos_fraction: float = 0.3,
                  aux_boxes: bool = False, aux_bins: int = 4, cache: bool = True) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.preprocess = Preprocess(windows=windows, all_mask=all_mask,
                                      vertebra_channels=vertebra_channels, masked_image=masked_image,
-                                     lucency=lucency)
+                                     lucency=lucency, lucency_fill=lucency_fill, gap=gap)
+        self.augmenter: BatchAugment | None = None
         self.train_ds: CropDataset | None = None
         self.val_ds: CropDataset | None = None
 
@@ -202,28 +248,28 @@ class CropDataModule(pl.LightningDataModule):
             raise ValueError(f"fold {hp.fold}: {len(train_rows)} train and {len(val_rows)} val crops "
                              f"in {hp.manifest}; does the manifest hold the train studies?")
         y_train, y_val = self._crop_labels(train_rows), self._crop_labels(val_rows)
-        # MONAI's MetaTensor bookkeeping doubles the augmentation cost per crop and nothing here
-        # reads the metadata (stage-2 processes do not share MONAI state with stage 1).
-        from monai.data import set_track_meta
-
-        set_track_meta(False)
-        aug = build_augment(hp.aug_rotate_deg, hp.aug_scale, flip_lr=hp.aug_flip_lr,
-                            noise_std=hp.aug_noise_std, prob=hp.aug_affine_prob) \
+        self.augmenter = BatchAugment(hp.aug_rotate_deg, hp.aug_scale, flip_lr=hp.aug_flip_lr,
+                                      noise_std=hp.aug_noise_std, prob=hp.aug_affine_prob) \
             if hp.augment else None
         aux_tr = self._aux_targets(train_rows, y_train) if hp.aux_boxes else None
         aux_va = self._aux_targets(val_rows, y_val) if hp.aux_boxes else None
-        self.train_ds = CropDataset(train_rows, self.preprocess, y_train, aug, hp.cache, aux_tr)
-        self.val_ds = CropDataset(val_rows, self.preprocess, y_val, None, hp.cache, aux_va)
+        self.train_ds = CropDataset(train_rows, self.preprocess, y_train, hp.cache, aux_tr)
+        self.val_ds = CropDataset(val_rows, self.preprocess, y_val, hp.cache, aux_va)
+
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        """Build ``x`` on the device; augment only batches of the training loop."""
+        training = bool(self.trainer is not None and self.trainer.training)
+        on_device = training and self.hparams.augment_on == "device"
+        return batch_inputs(batch, self.preprocess, self.augmenter if on_device else None)
 
     # ------------------------------------------------------------------ loaders
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
-        from monai.data import worker_init_fn
-
         kw: dict[str, Any] = {"batch_size": hp.batch_size, "num_workers": hp.num_workers,
-                              "worker_init_fn": worker_init_fn if hp.num_workers else None,
                               "drop_last": len(self.train_ds) > hp.batch_size,
                               "persistent_workers": hp.num_workers > 0}
+        if self.augmenter is not None and hp.augment_on == "worker":
+            kw["collate_fn"] = AugmentingCollate(self.augmenter)
         if hp.sampler == "balanced":
             y = self.train_ds.labels
             pos = max(float(y.mean()), 1e-6)
@@ -252,12 +298,16 @@ class CropDataModule(pl.LightningDataModule):
 
 
 def num_channels(windows: list, all_mask: bool, vertebra_channels: bool,
-                 masked_image: int | None, lucency: tuple | None) -> int:
+                 masked_image: int | None, lucency: tuple | None, lucency_fill: bool,
+                 gap: tuple | None) -> int:
     """Input channel count for a data config (the ``in_channels`` link of the CLI)."""
-    return Preprocess(windows, all_mask, vertebra_channels, masked_image, lucency).num_channels
+    return Preprocess(windows, all_mask, vertebra_channels, masked_image, lucency, lucency_fill,
+                      gap).num_channels
 
 
 def preprocess_dict(windows: list, all_mask: bool, vertebra_channels: bool,
-                    masked_image: int | None, lucency: tuple | None) -> dict:
+                    masked_image: int | None, lucency: tuple | None, lucency_fill: bool,
+                    gap: tuple | None) -> dict:
     """The preprocessing a checkpoint must remember (the ``model.preprocess`` link of the CLI)."""
-    return Preprocess(windows, all_mask, vertebra_channels, masked_image, lucency).to_dict()
+    return Preprocess(windows, all_mask, vertebra_channels, masked_image, lucency, lucency_fill,
+                      gap).to_dict()

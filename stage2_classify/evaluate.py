@@ -26,7 +26,8 @@ from common.dataset import RSNADataset
 from common.folds import read_folds
 from common.labels import OVERALL, TARGETS, VERTEBRAE
 from common.metric import auc_per_target, baseline_prevalence, competition_loss, constant_prediction
-from stage2_classify.aggregate import DEFAULT_CLIP, RULES, Stacker, aggregate, clip_probs, nested_stacker
+from stage2_classify.aggregate import (DEFAULT_CLIP, DEFAULT_RULE, RULES, Stacker, aggregate,
+                                       clip_probs, nested_stacker)
 from stage2_classify.oof import merge_oof
 
 UID = "StudyInstanceUID"
@@ -61,7 +62,7 @@ def score(y: pd.DataFrame, pred: pd.DataFrame) -> dict[str, float]:
             "comp_loss_global": competition_loss(y, pred, form="global")}
 
 
-def evaluate(work: Path, data_root: Path, rule: str = "stacker",
+def evaluate(work: Path, data_root: Path, rule: str = DEFAULT_RULE,
              clip: tuple[float, float] = DEFAULT_CLIP, C: float = 1.0) -> dict:
     """Compute and write every output listed in the module docstring; returns the metrics dict."""
     oof = merge_oof(work / "stage2" / "oof")
@@ -166,8 +167,9 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--work", type=Path, required=True, help="work folder ($WORK)")
     parser.add_argument("--data", type=Path, required=True, help="RSNA-layout data folder ($DATA)")
-    parser.add_argument("--rule", choices=RULES, default="stacker",
-                        help="patient_overall rule written to oof.csv (default stacker)")
+    parser.add_argument("--rule", choices=RULES, default=DEFAULT_RULE,
+                        help=f"patient_overall rule written to oof.csv (default {DEFAULT_RULE}; "
+                             "every rule's score is reported)")
     parser.add_argument("--clip", type=float, nargs=2, default=list(DEFAULT_CLIP),
                         metavar=("LO", "HI"), help="probability clip range (default 0.001 0.999)")
     parser.add_argument("--stacker-C", type=float, default=1.0, help="stacker L2 inverse strength")

@@ -96,11 +96,12 @@ class CropClassifier(pl.LightningModule):
         return self.head(self.features(x, vertebra)).squeeze(1)
 
     @torch.no_grad()
-    def predict_proba(self, x: torch.Tensor, vertebra: torch.Tensor, tta_flip: bool | None = None
-                      ) -> torch.Tensor:
-        """Probabilities (B,), averaged over the left-right flip when ``tta_flip``."""
+    def predict_proba(self, x: torch.Tensor, vertebra: torch.Tensor, tta_flip: bool | None = None,
+                      logits: torch.Tensor | None = None) -> torch.Tensor:
+        """Probabilities (B,), averaged over the left-right flip when ``tta_flip``; ``logits``
+        of ``x`` already computed (B,) save the plain forward pass."""
         tta = self.hparams.tta_flip if tta_flip is None else tta_flip
-        p = torch.sigmoid(self(x, vertebra))
+        p = torch.sigmoid(self(x, vertebra) if logits is None else logits)
         if tta:
             p = (p + torch.sigmoid(self(flip_lr(x), vertebra))) / 2
         return p
@@ -136,7 +137,7 @@ class CropClassifier(pl.LightningModule):
         logits = self.head(feats).squeeze(1)
         self.log("val/loss", self._loss(batch, logits, feats), on_epoch=True, sync_dist=True,
                  batch_size=len(batch["y"]))
-        prob = self.predict_proba(batch["x"], batch["vertebra"])
+        prob = self.predict_proba(batch["x"], batch["vertebra"], logits=logits.detach())
         self._val.append((batch["index"].detach(), prob.detach().float()))
         if batch_idx == 0:
             self._log_crops(batch, prob)

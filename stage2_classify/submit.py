@@ -27,7 +27,8 @@ from common.atomic import write_csv, write_json
 from common.dataset import RSNADataset
 from common.manifest import read_manifest
 from common.metric import submission_to_wide, wide_to_submission
-from stage2_classify.aggregate import DEFAULT_CLIP, RULES, Stacker, aggregate, crops_to_study
+from stage2_classify.aggregate import (DEFAULT_CLIP, DEFAULT_RULE, RULES, Stacker, aggregate,
+                                       crops_to_study)
 from stage2_classify.inference import checkpoints_of_runs, ensemble_prior, load_models, score_rows
 from stage2_classify.oof import fold_runs
 
@@ -52,7 +53,7 @@ def study_status(rows: pd.DataFrame, scored: pd.DataFrame) -> str:
     return "ok" if used == 7 else f"partial:{7 - used}_vertebrae_prior"
 
 
-def submit(work: Path, data_root: Path, manifest: Path | None = None, rule: str = "stacker",
+def submit(work: Path, data_root: Path, manifest: Path | None = None, rule: str = DEFAULT_RULE,
            clip: tuple[float, float] = DEFAULT_CLIP, out: Path | None = None,
            tta_flip: bool | None = None) -> pd.DataFrame:
     """Write the submission and its QC record; returns the submission frame."""
@@ -114,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, required=True, help="RSNA-layout data folder ($DATA)")
     parser.add_argument("--manifest", type=Path, default=None,
                         help="crop manifest (default $WORK/stage1/crops/vertebrae.csv)")
-    parser.add_argument("--rule", choices=RULES, default="stacker", help="patient_overall rule")
+    parser.add_argument("--rule", choices=RULES, default=DEFAULT_RULE,
+                        help=f"patient_overall rule (default {DEFAULT_RULE})")
     parser.add_argument("--clip", type=float, nargs=2, default=list(DEFAULT_CLIP),
                         metavar=("LO", "HI"), help="probability clip range (default 0.001 0.999)")
     parser.add_argument("--out", type=Path, default=None, help="default $WORK/submission.csv")

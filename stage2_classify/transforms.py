@@ -1,4 +1,4 @@
-"""Crop → network input: HU windows, mask channels, vertebra channels, and 3D augmentation.
+"""Crop → network input: HU windows, mask channels, lucency and bone-gap maps, vertebra channels.
 
 A crop (``common.manifest``) is ``image`` int16 (X, Y, Z) HU and ``mask`` uint8 (X, Y, Z) 0..7 on
 the crop grid, whose axes run along the source CT axes (X = DICOM column, Y = row, Z = sorted
@@ -10,20 +10,29 @@ slice; for RSNA's axial series X is the patient's left-right axis). The network 
 3. optionally all cervical vertebrae (``mask > 0``);
 4. optionally the first window × the target mask dilated by ``masked_image`` voxels (the crop's
    neighbours, whose own fractures would otherwise look like this vertebra's, are blanked);
-5. optionally a lucency map of the target vertebra: ``mask × clip((below − HU) / width, 0, 1)``
-   (voxels of the vertebra darker than bone: fracture lines and gaps light up on a dark field),
-   with the mask optionally eroded by a few voxels so that its partial-volume rim (soft tissue,
-   discs) does not light up;
-6. optionally 7 constant one-hot channels naming the vertebra.
+5. optionally a lucency map of the target vertebra: ``region × clip((below − HU) / width, 0, 1)``
+   (voxels of the vertebra darker than bone: fracture lines and gaps light up on a dark field);
+   the region is the target mask, optionally closed and hole-filled first (``lucency_fill``:
+   a lucent gap that the stage-1 mask left out still counts) and optionally eroded by a few
+   voxels so that its partial-volume rim (soft tissue, discs) does not light up;
+6. optionally a bone-gap map (``gap``): the voxels that a binary closing of the bone
+   (``HU > bone_hu``) fills, inside the target vertebra grown by one voxel. A crack or a
+   fragment's fracture line is a thin lucent gap in bright bone, which a closing by one or two
+   voxels bridges; the canal, foramina and the soft tissue around the bone are too wide to be
+   filled, so normal anatomy stays dark (joint spaces between two bones do light up);
+7. optionally 7 constant one-hot channels naming the vertebra.
 
-Augmentations keep a crack a crack: small rotations and scalings, a left-right flip only (never
-cranio-caudal or antero-posterior: those change anatomy), mild intensity scaling/shift and noise.
+The deterministic maps (windows, raw lucency, bone gaps, the lucency region) are computed on the
+crop before augmentation and transformed with it, so a rotated crack keeps its gap.
+
+Augmentation (``stage2_classify.augment``) runs on whole batches on the training device, between
+``prepare`` (per crop, cacheable) and ``assemble`` (per crop or batch).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -47,6 +56,8 @@ class Preprocess:
         masked_image: dilation (voxels) of the target mask for a masked-image channel; None = off.
         lucency: ``(below_hu, width_hu)`` or ``(below_hu, width_hu, erode_voxels)`` of the
             lucency channel (the target mask is eroded by a (2e+1)³ cube first); None = off.
+        lucency_fill: close the target mask by 2 voxels and fill its holes before the erosion.
+        gap: ``(bone_hu, closing_steps)`` of the bone-gap channel; None = off.
     """
 
     windows: Sequence[Sequence[float]] = field(default_factory=lambda: [BONE_WINDOW])
@@ -54,6 +65,8 @@ class Preprocess:
     vertebra_channels: bool = False
     masked_image: int | None = None
     lucency: Sequence[float] | None = None
+    lucency_fill: bool = False
+    gap: Sequence[float] | None = None
 
     @property
     def num_image_channels(self) -> int:
@@ -62,63 +75,108 @@ class Preprocess:
     @property
     def num_channels(self) -> int:
         return (len(self.windows) + 1 + int(self.all_mask) + int(self.masked_image is not None)
-                + int(self.lucency is not None) + (7 if self.vertebra_channels else 0))
+                + int(self.lucency is not None) + int(self.gap is not None)
+                + (7 if self.vertebra_channels else 0))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["windows"] = [[float(a), float(b)] for a, b in self.windows]
         d["lucency"] = [float(v) for v in self.lucency] if self.lucency is not None else None
+        d["gap"] = [float(v) for v in self.gap] if self.gap is not None else None
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "Preprocess":
         return cls(**(d or {}))
 
-    def image_channels(self, image: np.ndarray) -> np.ndarray:
-        """HU (X, Y, Z) → float32 (W, X, Y, Z) windowed to [0, 1] (+ the raw lucency, if on)."""
+    def image_channels(self, image: np.ndarray, mask: np.ndarray | None = None,
+                       vertebra: str | None = None) -> np.ndarray:
+        """HU (X, Y, Z) → float32 (W [+1] [+1], X, Y, Z): the windows in [0, 1], then the raw
+        lucency (if on), then the bone-gap map (if on; needs ``mask`` and ``vertebra``)."""
         hu = image.astype(np.float32)
         chans = [np.clip((hu - (lv - wd / 2)) / wd, 0.0, 1.0) for lv, wd in self.windows]
         if self.lucency is not None:
             below, width = self.lucency[0], self.lucency[1]
             chans.append(np.clip((below - hu) / width, 0.0, 1.0))
+        if self.gap is not None:
+            if mask is None or vertebra is None:
+                raise ValueError("the bone-gap channel needs the crop's mask and vertebra")
+            chans.append(bone_gaps(hu, mask == CLASS_INDEX[vertebra], *self.gap))
         return np.stack(chans)
 
     def mask_channels(self, mask: np.ndarray, vertebra: str) -> np.ndarray:
-        """Label map (X, Y, Z) → float32 (1 or 2, X, Y, Z): target vertebra (+ all vertebrae)."""
-        chans = [mask == CLASS_INDEX[vertebra]]
+        """Label map (X, Y, Z) → float32 (1 [+1] [+1], X, Y, Z): target vertebra (+ all
+        vertebrae) (+ the lucency region, if lucency is on)."""
+        target = mask == CLASS_INDEX[vertebra]
+        chans = [target]
         if self.all_mask:
             chans.append((mask > 0) & (mask <= 7))
+        if self.lucency is not None:
+            chans.append(self.lucency_region(target))
         return np.stack(chans).astype(np.float32)
 
-    def vertebra_planes(self, vertebra: str, spatial: Sequence[int]) -> torch.Tensor:
+    def lucency_region(self, target: np.ndarray) -> np.ndarray:
+        """bool (X, Y, Z): where the lucency channel counts (see ``lucency``/``lucency_fill``)."""
+        from scipy import ndimage
+
+        region = target
+        if self.lucency_fill:
+            region = ndimage.binary_fill_holes(ndimage.binary_closing(region, iterations=2))
+        erode = int(self.lucency[2]) if self.lucency is not None and len(self.lucency) > 2 else 0
+        if erode > 0:
+            region = self.erode(torch.from_numpy(region[None].astype(np.float32)),
+                                erode)[0].numpy() > 0.5
+        return region
+
+    def vertebra_planes(self, vertebra: str, spatial: Sequence[int],
+                        device: torch.device | str = "cpu") -> torch.Tensor:
         """7 constant one-hot channels (7, X, Y, Z), or an empty (0, X, Y, Z) tensor."""
         if not self.vertebra_channels:
-            return torch.zeros((0, *spatial))
-        onehot = torch.zeros((7, *spatial))
+            return torch.zeros((0, *spatial), device=device)
+        onehot = torch.zeros((7, *spatial), device=device)
         onehot[VERTEBRAE.index(vertebra)] = 1.0
         return onehot
 
-    def __call__(self, image: np.ndarray, mask: np.ndarray, vertebra: str,
-                 augment: Callable[[dict], dict] | None = None) -> torch.Tensor:
-        """Build the input tensor float32 (C, X, Y, Z) for one crop, augmenting if asked."""
+    def prepare(self, image: np.ndarray, mask: np.ndarray, vertebra: str
+                ) -> dict[str, torch.Tensor]:
+        """The deterministic part, cacheable: ``{"image": the windows (W, X, Y, Z), "maps": raw
+        lucency and/or bone gaps (1–2, X, Y, Z; absent when neither is on), "mask":
+        mask_channels}``, all float32. Augmentation moves all three alike but changes the
+        intensity of ``image`` only; :meth:`assemble` then builds the network input."""
         if image.shape != mask.shape:
             raise ValueError(f"crop image {image.shape} and mask {mask.shape} differ in shape")
-        item = {"image": torch.from_numpy(self.image_channels(image)),
-                "mask": torch.from_numpy(self.mask_channels(mask, vertebra))}
-        if augment is not None:
-            item = augment(item)
+        chans = torch.from_numpy(self.image_channels(image, mask, vertebra))
+        n = len(self.windows)
+        item = {"image": chans[:n], "mask": torch.from_numpy(self.mask_channels(mask, vertebra))}
+        if len(chans) > n:
+            item["maps"] = chans[n:]
+        return item
+
+    def assemble(self, item: dict[str, torch.Tensor], vertebra: str) -> torch.Tensor:
+        """A prepared (and possibly augmented) item → the input float32 (C, X, Y, Z)."""
         img = torch.as_tensor(item["image"]).float()
         msk = torch.as_tensor(item["mask"]).float()
-        n = len(self.windows)
-        chans = [img[:n], msk]
+        chans = [img, msk[:1 + int(self.all_mask)]]
         if self.masked_image is not None:
             chans.append(img[:1] * self.dilate(msk[:1], self.masked_image))
-        if self.lucency is not None:  # lucency only inside the target vertebra
-            erode = int(self.lucency[2]) if len(self.lucency) > 2 else 0
-            inside = self.erode(msk[:1], erode) if erode > 0 else (msk[:1] > 0.5).float()
-            chans.append(img[n:] * inside)
-        chans.append(self.vertebra_planes(vertebra, img.shape[1:]))
+        if self.lucency is not None:  # lucency only inside its region of the target vertebra
+            chans.append(torch.as_tensor(item["maps"][:1]).float() * (msk[-1:] > 0.5).float())
+        if self.gap is not None:
+            chans.append(torch.as_tensor(item["maps"][-1:]).float())
+        chans.append(self.vertebra_planes(vertebra, img.shape[1:], img.device))
         return torch.cat(chans, dim=0)
+
+    def assemble_batch(self, parts: dict[str, torch.Tensor], vertebra: torch.Tensor
+                       ) -> torch.Tensor:
+        """:meth:`assemble` for a batch: parts (B, ·, X, Y, Z), ``vertebra`` (B,) indices 0..6
+        → (B, C, X, Y, Z) on the parts' device."""
+        names = [VERTEBRAE[int(i)] for i in vertebra]
+        return torch.stack([self.assemble({k: v[i] for k, v in parts.items()}, name)
+                            for i, name in enumerate(names)])
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray, vertebra: str) -> torch.Tensor:
+        """The input tensor float32 (C, X, Y, Z) of one crop (no augmentation)."""
+        return self.assemble(self.prepare(image, mask, vertebra), vertebra)
 
     @staticmethod
     def erode(mask: torch.Tensor, radius: int) -> torch.Tensor:
@@ -142,42 +200,23 @@ def _cube_filter(mask: torch.Tensor, radius: int, op: str) -> torch.Tensor:
     if radius > 0:
         filt = ndimage.minimum_filter if op == "minimum" else ndimage.maximum_filter
         m = filt(m, size=(1,) + (2 * radius + 1,) * 3, mode="constant", cval=0)
-    return torch.from_numpy(m.astype(np.float32))
+    return torch.from_numpy(m.astype(np.float32)).to(mask.device)
 
 
-def build_augment(rotate_deg: float = 10.0, scale: float = 0.1, translate_vox: float = 2.0,
-                  flip_lr: bool = True, intensity: float = 0.1, noise_std: float = 0.02,
-                  prob: float = 0.8) -> Callable[[dict], dict]:
-    """MONAI dictionary transforms for ``{"image": (W,X,Y,Z), "mask": (M,X,Y,Z)}`` tensors.
+def bone_gaps(hu: np.ndarray, target: np.ndarray, bone_hu: float = 200.0,
+              steps: float = 1) -> np.ndarray:
+    """float32 (X, Y, Z) in {0, 1}: voxels that a binary closing (6-connected, ``steps`` times)
+    of the bone ``hu > bone_hu`` adds, inside ``target`` (bool (X, Y, Z)) grown by one voxel.
 
-    Args:
-        rotate_deg: maximum rotation about each axis, degrees.
-        scale: maximum relative scaling (0.1 = ±10 %).
-        translate_vox: maximum shift in voxels.
-        flip_lr: random left-right flip (the only anatomically allowed flip).
-        intensity: maximum relative scaling and shift of the windowed image.
-        noise_std: Gaussian noise std on the windowed [0, 1] image.
-        prob: probability of the affine transform.
+    A lucent line up to about ``2 · steps`` voxels wide through bright bone lights up; wider
+    spaces (canal, foramina, soft tissue) do not. Voxels beyond the crop count as not bone.
     """
-    from monai.transforms import (Compose, RandAffined, RandFlipd, RandGaussianNoised,
-                                  RandScaleIntensityd, RandShiftIntensityd)
+    from scipy import ndimage
 
-    rad = float(np.deg2rad(rotate_deg))
-    ts: list[Any] = [RandAffined(keys=("image", "mask"), prob=prob, rotate_range=(rad, rad, rad),
-                                 scale_range=(scale, scale, scale),
-                                 translate_range=(translate_vox,) * 3,
-                                 mode=("bilinear", "nearest"), padding_mode="zeros")]
-    if flip_lr:
-        ts.append(RandFlipd(keys=("image", "mask"), prob=0.5, spatial_axis=LR_AXIS))
-    if intensity > 0:
-        ts += [RandScaleIntensityd(keys="image", factors=intensity, prob=0.5),
-               RandShiftIntensityd(keys="image", offsets=intensity / 2, prob=0.5)]
-    if noise_std > 0:
-        ts.append(RandGaussianNoised(keys="image", std=noise_std, prob=0.5))
-    # MONAI transforms keep their own generators: seed them from numpy's global state, which
-    # `seed_everything` has set, so a seeded run augments identically (workers reseed via
-    # monai.data.worker_init_fn).
-    return Compose(ts).set_random_state(seed=int(np.random.randint(0, 2**31 - 1)))
+    bone = hu > bone_hu
+    closed = ndimage.binary_closing(bone, iterations=int(steps), border_value=0)
+    near = ndimage.binary_dilation(target, iterations=1)
+    return (closed & ~bone & near).astype(np.float32)
 
 
 def flip_lr(x: torch.Tensor) -> torch.Tensor:

@@ -157,3 +157,17 @@ def test_bad_input_one_line_error(case, trained_work, realdata, tmp_path, capsys
     assert expected in err, err
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+def test_predict_uses_the_rule_make_evaluate_scored(tmp_path):
+    import json
+
+    from cspine.models import evaluated_rule
+    from stage2_classify.aggregate import DEFAULT_RULE
+
+    assert evaluated_rule(tmp_path) == DEFAULT_RULE == "max"  # nothing evaluated yet
+    for rule in ("noisy_or", "stacker", "max"):
+        (tmp_path / "metrics.json").write_text(json.dumps({"rule": rule}))
+        assert evaluated_rule(tmp_path) == rule
+    (tmp_path / "metrics.json").write_text(json.dumps({"rule": "median"}))  # not a rule
+    assert evaluated_rule(tmp_path) == DEFAULT_RULE

@@ -79,7 +79,8 @@ def test_model_learns_on_fixture_crops(tmp_path):
                         str(world["work"] / "folds.csv"), fold=0, n_folds=2, augment=False,
                         **trained.preprocess.to_dict())  # the inputs the model was trained on
     dm.setup("fit")
-    batch = next(iter(torch.utils.data.DataLoader(dm.train_ds, batch_size=len(dm.train_ds))))
+    batch = dm.on_after_batch_transfer(  # no trainer: assembled, not augmented
+        next(iter(torch.utils.data.DataLoader(dm.train_ds, batch_size=len(dm.train_ds)))), 0)
     one = torch.ones(1)
 
     def loss_of(model) -> float:
