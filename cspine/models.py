@@ -101,8 +101,8 @@ def models_from_work(work: str | os.PathLike) -> ModelSpec:
 
 
 def evaluated_rule(work: Path) -> str:
-    """The ``patient_overall`` rule that ``make evaluate`` scored and ``make submit`` uses
-    (``WORK/metrics.json`` → ``rule``), or the default rule when there is none."""
+    """The ``patient_overall`` rule that ``make evaluate`` scored (``WORK/metrics.json`` →
+    ``rule``), or the default rule when there is none."""
     metrics = work / "metrics.json"
     if metrics.is_file():
         rule = json.loads(metrics.read_text()).get("rule")

@@ -158,7 +158,7 @@ class CropDataModule(pl.LightningDataModule):
         gap: ``(bone_hu, closing_steps)``: add the bone-gap channel (thin lucent gaps in bone
             that a binary closing fills, around the target vertebra; None = no such channel).
         augment: train-time augmentation on/off (``stage2_classify.augment.BatchAugment``, on
-            whole batches on the training device); the other ``aug_*`` values tune it
+            whole batches, where ``augment_on`` says); the other ``aug_*`` values tune it
             (``aug_affine_prob``: share of crops that get the random affine).
         augment_on: ``"device"`` augments each batch where it trains (after the transfer to the
             GPU); ``"worker"`` augments it in the DataLoader worker that collates it (on 2 CPU

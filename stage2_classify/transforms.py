@@ -25,8 +25,9 @@ slice; for RSNA's axial series X is the patient's left-right axis). The network 
 The deterministic maps (windows, raw lucency, bone gaps, the lucency region) are computed on the
 crop before augmentation and transformed with it, so a rotated crack keeps its gap.
 
-Augmentation (``stage2_classify.augment``) runs on whole batches on the training device, between
-``prepare`` (per crop, cacheable) and ``assemble`` (per crop or batch).
+Augmentation (``stage2_classify.augment``) runs on whole batches, in the DataLoader worker or on
+the training device (``augment_on``), between ``prepare`` (per crop, cacheable) and ``assemble``
+(per crop or batch).
 """
 
 from __future__ import annotations
@@ -120,8 +121,11 @@ class Preprocess:
         from scipy import ndimage
 
         region = target
-        if self.lucency_fill:
-            region = ndimage.binary_fill_holes(ndimage.binary_closing(region, iterations=2))
+        if self.lucency_fill:  # padded, so the closing does not eat a target that meets a face
+            pad = 2
+            padded = np.pad(region, pad)
+            closed = ndimage.binary_fill_holes(ndimage.binary_closing(padded, iterations=pad))
+            region = closed[pad:-pad, pad:-pad, pad:-pad] | target
         erode = int(self.lucency[2]) if self.lucency is not None and len(self.lucency) > 2 else 0
         if erode > 0:
             region = self.erode(torch.from_numpy(region[None].astype(np.float32)),
@@ -170,7 +174,7 @@ class Preprocess:
                        ) -> torch.Tensor:
         """:meth:`assemble` for a batch: parts (B, ·, X, Y, Z), ``vertebra`` (B,) indices 0..6
         → (B, C, X, Y, Z) on the parts' device."""
-        names = [VERTEBRAE[int(i)] for i in vertebra]
+        names = [VERTEBRAE[i] for i in vertebra.tolist()]  # one device sync, not B
         return torch.stack([self.assemble({k: v[i] for k, v in parts.items()}, name)
                             for i, name in enumerate(names)])
 
