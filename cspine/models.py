@@ -46,6 +46,10 @@ class ModelSpec:
     stacker: Path | None = None
     source: str = ""
 
+    def __post_init__(self) -> None:
+        if self.rule == "stacker" and self.stacker is None:  # no fitted stacker to apply
+            self.rule = DEFAULT_RULE
+
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["stage1"] = str(self.stage1)
@@ -94,10 +98,9 @@ def models_from_work(work: str | os.PathLike) -> ModelSpec:
     crops = json.loads(crops_run.read_text()).get("crops", {}) if crops_run.is_file() else {}
     stacker = work / "stage2" / "stacker.json"
     rule = evaluated_rule(work)
-    if rule == "stacker" and not stacker.is_file():
-        rule = DEFAULT_RULE
     return ModelSpec(stage1=stage1, stage2=stage2, crops=crops, rule=rule,
-                     stacker=stacker if rule == "stacker" else None, source=str(work))
+                     stacker=stacker if rule == "stacker" and stacker.is_file() else None,
+                     source=str(work))
 
 
 def evaluated_rule(work: Path) -> str:

@@ -39,7 +39,6 @@ from common.labels import OVERALL, TARGETS, VERTEBRAE
 # ModelSpec and the two readers are re-exported: `from cspine.predict import models_from_work`.
 from cspine.models import (ModelSpec, PredictError, models_from_bundle,  # noqa: F401
                            models_from_work, one_line)
-from stage2_classify.aggregate import DEFAULT_RULE
 
 #: Default probability above which a vertebra is "flagged" in the overview.
 DEFAULT_THRESHOLD = 0.5
@@ -163,8 +162,7 @@ class Predictor:
         crops = crops_for_volume(volume, grid_mask, grid_affine, self.crop_config)
         timing["crops"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        rule = self.spec.rule if self.stacker is not None or self.spec.rule != "stacker" \
-            else DEFAULT_RULE
+        rule = self.spec.rule  # "stacker" only with a stacker (ModelSpec)
         probs = score_crops(self.stage2, crops, rule=rule, stacker=self.stacker)
         timing["stage2"] = time.perf_counter() - t0
         return {"probabilities": probs, "grid_mask": grid_mask, "grid_affine": grid_affine,

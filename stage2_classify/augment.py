@@ -23,7 +23,7 @@ import math
 import torch
 from torch.nn import functional as F
 
-from stage2_classify.transforms import LR_AXIS
+from stage2_classify.transforms import flip_lr
 
 
 def _rotation(angles: torch.Tensor) -> torch.Tensor:
@@ -114,7 +114,7 @@ class BatchAugment:
             flip = torch.nonzero(torch.rand(b, device=dev) < 0.5).flatten()
             for k in ("image", "maps", "mask"):
                 if k in out and len(flip):
-                    out[k] = out[k].index_copy(0, flip, out[k][flip].flip(2 + LR_AXIS))
+                    out[k] = out[k].index_copy(0, flip, flip_lr(out[k][flip]))
         img = out["image"]
         if self.intensity > 0:
             gate = (torch.rand(b, 1, 1, 1, 1, device=dev) < 0.5).float()

@@ -96,7 +96,7 @@ class CropDataset(Dataset):
             item = {k: v.to(torch.uint8) if k == "mask" else v for k, v in item.items()}
             if self._cache is not None:
                 self._cache[i] = item
-        return dict(item)
+        return item
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         v = str(self.rows.at[i, "vertebra"])
@@ -116,7 +116,7 @@ def batch_inputs(batch: dict[str, Any], preprocess: Preprocess,
     ``x`` float32 (B, C, X, Y, Z), augmenting the batch first when ``augment`` is given.
     Runs on the batch's device."""
     out = {k: v for k, v in batch.items() if k not in PARTS}
-    parts = {k: batch[k].float() for k in PARTS if k in batch}
+    parts = _float_parts(batch)
     if augment is not None:
         parts = augment(parts)
     out["x"] = preprocess.assemble_batch(parts, batch["vertebra"])
@@ -132,8 +132,13 @@ class AugmentingCollate:
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         batch = default_collate(items)
-        batch.update(self.augment({k: batch[k].float() for k in PARTS if k in batch}))
+        batch.update(self.augment(_float_parts(batch)))
         return batch
+
+
+def _float_parts(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The prepared parts of a collated batch as float32 (masks arrive as uint8)."""
+    return {k: batch[k].float() for k in PARTS if k in batch}
 
 
 class CropDataModule(pl.LightningDataModule):

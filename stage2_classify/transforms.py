@@ -123,14 +123,11 @@ class Preprocess:
         region = target
         if self.lucency_fill:  # padded, so the closing does not eat a target that meets a face
             pad = 2
-            padded = np.pad(region, pad)
-            closed = ndimage.binary_fill_holes(ndimage.binary_closing(padded, iterations=pad))
-            region = closed[pad:-pad, pad:-pad, pad:-pad] | target
+            closed = ndimage.binary_fill_holes(ndimage.binary_closing(np.pad(region, pad),
+                                                                      iterations=pad))
+            region = closed[pad:-pad, pad:-pad, pad:-pad]
         erode = int(self.lucency[2]) if self.lucency is not None and len(self.lucency) > 2 else 0
-        if erode > 0:
-            region = self.erode(torch.from_numpy(region[None].astype(np.float32)),
-                                erode)[0].numpy() > 0.5
-        return region
+        return binary_cube_filter(region, erode, "minimum") > 0 if erode > 0 else region
 
     def vertebra_planes(self, vertebra: str, spatial: Sequence[int],
                         device: torch.device | str = "cpu") -> torch.Tensor:
@@ -194,16 +191,23 @@ class Preprocess:
         return _cube_filter(mask, radius, "maximum")
 
 
-def _cube_filter(mask: torch.Tensor, radius: int, op: str) -> torch.Tensor:
-    """Binary min/max filter of a (1, X, Y, Z) mask over a (2r+1)³ cube, zero outside, as float32
-    (scipy's separable filter on uint8: ~1 ms per 48×48×32 crop, against ~30 ms for torch's cube
-    ``max_pool3d`` on CPU)."""
+def binary_cube_filter(mask: np.ndarray, radius: int, op: str) -> np.ndarray:
+    """Binary min/max filter of a mask (..., X, Y, Z) over a (2r+1)³ cube of its last three axes,
+    zero outside, as uint8 (scipy's separable filter on uint8: ~1 ms per 48×48×32 crop, against
+    ~30 ms for torch's cube ``max_pool3d`` on CPU)."""
     from scipy import ndimage
 
-    m = (mask > 0.5).to(torch.uint8).cpu().numpy()
+    m = np.asarray(mask).astype(np.uint8)
     if radius > 0:
         filt = ndimage.minimum_filter if op == "minimum" else ndimage.maximum_filter
-        m = filt(m, size=(1,) + (2 * radius + 1,) * 3, mode="constant", cval=0)
+        size = (1,) * (m.ndim - 3) + (2 * radius + 1,) * 3
+        m = filt(m, size=size, mode="constant", cval=0)
+    return m
+
+
+def _cube_filter(mask: torch.Tensor, radius: int, op: str) -> torch.Tensor:
+    """:func:`binary_cube_filter` of a (1, X, Y, Z) tensor (> 0.5), as float32 on its device."""
+    m = binary_cube_filter((mask > 0.5).cpu().numpy(), radius, op)
     return torch.from_numpy(m.astype(np.float32)).to(mask.device)
 
 

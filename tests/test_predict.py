@@ -171,3 +171,9 @@ def test_predict_uses_the_rule_make_evaluate_scored(tmp_path):
         assert evaluated_rule(tmp_path) == rule
     (tmp_path / "metrics.json").write_text(json.dumps({"rule": "median"}))  # not a rule
     assert evaluated_rule(tmp_path) == DEFAULT_RULE
+    from cspine.models import ModelSpec
+
+    # a spec that names the stacker but has none to apply falls back to the default rule
+    assert ModelSpec(stage1=tmp_path, stage2=[], rule="stacker").rule == DEFAULT_RULE
+    assert ModelSpec(stage1=tmp_path, stage2=[], rule="stacker",
+                     stacker=tmp_path / "s.json").rule == "stacker"

@@ -135,11 +135,17 @@ def test_lucency_fill_counts_a_gap_the_mask_left_out():
     assert float(filled[0, 0, 0]) == 0.0
 
 
-def test_prepare_then_assemble_equals_call_and_old_dicts_still_load():
+def test_assemble_batch_matches_single_crops_and_old_dicts_still_load():
     image, mask = _vertebra_with_canal_and_crack()
     pre = Preprocess(windows=[(400, 1800)], all_mask=True, lucency=[200, 150, 1],
                      lucency_fill=True, gap=[200, 1], vertebra_channels=True)
-    assert torch.equal(pre.assemble(pre.prepare(image, mask, "C3"), "C3"), pre(image, mask, "C3"))
+    mask4 = np.where(mask == 3, 4, 0).astype(np.uint8)  # the same bone labelled C4
+    items = [pre.prepare(image, mask, "C3"), pre.prepare(image, mask4, "C4")]
+    batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+    x = pre.assemble_batch(batch, torch.tensor([2, 3]))  # vertebra indices of C3, C4
+    assert torch.equal(x[0], pre(image, mask, "C3")) and torch.equal(x[1], pre(image, mask4, "C4"))
+    assert x[0, -7:].mean(dim=(1, 2, 3)).tolist() == [0, 0, 1, 0, 0, 0, 0]
+    assert x[1, -7:].mean(dim=(1, 2, 3)).tolist() == [0, 0, 0, 1, 0, 0, 0]
     assert pre(image, mask, "C3").shape[0] == pre.num_channels == 1 + 2 + 1 + 1 + 7
     old = {"windows": [[400.0, 1800.0]], "all_mask": False, "vertebra_channels": False,
            "masked_image": None, "lucency": [200.0, 150.0]}  # a checkpoint from before `gap`
