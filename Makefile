@@ -70,8 +70,8 @@ STAGE1_CONFIG ?= configs/stage1/cpu.yaml
 STAGE1_CKPT ?= best
 STAGE1_ARGS ?=
 S1 := --data.data_root $(DATA) --data.work_dir $(WORK)
-.PHONY: stage1-prepare stage1-fit stage1-predict crops
-stage1-prepare: install  ## stage-1 cache (STAGE1_CONFIG data: grid): DATA DICOM + segmentations -> WORK/stage1/cache/<key>/<UID>.npz, WORK/stage1/qc_prepare.csv; cached studies are skipped
+.PHONY: stage1-prepare stage1-fit crops
+stage1-prepare: install  ## stage-1 training cache (STAGE1_CONFIG data: grid) of the segmented train studies: DATA DICOM + segmentations -> WORK/stage1/cache/<key>/<UID>.npz (model grid), WORK/cache/volumes/<UID>.npz (decoded once, read by crops), WORK/stage1/qc_prepare.csv; cached studies are skipped
 	$(PY) -m stage1_segment.prepare -c $(STAGE1_CONFIG) --data-root $(DATA) --work-dir $(WORK) --jobs $(JOBS)
 
 stage1-fit: install  ## train the segmenter (STAGE1_CONFIG) on WORK/stage1/cache + WORK/folds.csv -> WORK/stage1/checkpoints/{best,last}.ckpt, WORK/stage1/run.json, WORK/stage1/wandb; skipped when finished with unchanged config and inputs (else the old run moves to WORK/stage1.stale/), resumed from last.ckpt
@@ -81,18 +81,18 @@ stage1-fit: install  ## train the segmenter (STAGE1_CONFIG) on WORK/stage1/cache
 	mkdir -p $(WORK)/stage1 && echo $$fp > $(WORK)/stage1/fit.fingerprint && \
 	$(PY) -m stage1_segment fit -c $(STAGE1_CONFIG) $(S1) --data.prepare_jobs $(JOBS) $$resume $(STAGE1_ARGS)
 
-stage1-predict: install  ## masks + boxes for every train/test study with STAGE1_CKPT (best|last|path) -> WORK/stage1/predict/{masks/<UID>.nii.gz,boxes/<UID>.json,boxes.csv,qc_predict.csv}
-	$(PY) -m stage1_segment predict -c $(STAGE1_CONFIG) $(S1) --data.prepare_jobs $(JOBS) --ckpt_path $(STAGE1_CKPT) --trainer.logger false $(STAGE1_ARGS)
-
-crops: install  ## per-vertebra crops (STAGE1_CONFIG crops:) from DATA + WORK/stage1/predict -> WORK/stage1/crops/<UID>_<C#>.npz + vertebrae.csv (the stage-2 manifest) + run.json
-	$(PY) -m stage1_segment.crops -c $(STAGE1_CONFIG) --data-root $(DATA) --work-dir $(WORK) --jobs $(JOBS)
+crops: install  ## stage-1 part of the test-time engine over the train studies with STAGE1_CKPT (best|last|path), crop settings from STAGE1_CONFIG crops: -> WORK/stage1/crops/<UID>_<C#>.npz + vertebrae.csv (the stage-2 manifest) + qc_crops.csv, WORK/stage1/masks/<UID>.nii.gz; SHARD=i/N for one share
+	$(VENV)/bin/cspine crops $(DATA) --work $(WORK) -c $(STAGE1_CONFIG) --stage1-ckpt $(STAGE1_CKPT) --jobs $(JOBS) $(if $(SHARD),--shard $(SHARD))
 
 # ---------------------------------------------------------------- stage 2 (stage2_classify)
 STAGE2_CONFIG ?= configs/stage2/cpu.yaml
 STAGE2_FOLDS ?= 0 1 2 3 4
 STAGE2_ARGS ?=
-AGG_RULE ?= max
-CLIP ?= 0.001 0.999
+# empty: evaluate uses its defaults (rule max, clip 0.001 0.999) and records them in
+# WORK/metrics.json; submit and `cspine predict` then use what evaluate recorded
+AGG_RULE ?=
+CLIP ?=
+SHARD ?=
 .PHONY: stage2-fit evaluate submit
 stage2-fit: install  ## train stage 2 (FOLD=k, else every fold in turn; STAGE2_CONFIG) on WORK/stage1/crops/vertebrae.csv + DATA/train.csv + WORK/folds.csv -> WORK/stage2/fold<k>/ (checkpoints, run.json, wandb), WORK/stage2/oof/fold<k>.csv; a finished fold with unchanged config and inputs is skipped (a stale one moves to fold<k>.stale/), an interrupted one resumes from last.ckpt
 	@for k in $(if $(FOLD),$(FOLD),$(STAGE2_FOLDS)); do \
@@ -108,15 +108,15 @@ stage2-fit: install  ## train stage 2 (FOLD=k, else every fold in turn; STAGE2_C
 	    --oof_dir $(WORK)/stage2/oof $$resume $(STAGE2_ARGS) || exit 1; \
 	done
 
-evaluate: install  ## stage-2 OOF evaluation: WORK/stage2/oof/fold*.csv + DATA/train.csv -> WORK/oof.csv, WORK/metrics.json, WORK/report/{roc,calibration}.png, WORK/stage2/stacker.json (AGG_RULE, CLIP)
-	$(PY) -m stage2_classify.evaluate --work $(WORK) --data $(DATA) --rule $(AGG_RULE) --clip $(CLIP)
+evaluate: install  ## stage-2 OOF evaluation: WORK/stage2/oof/fold*.csv + DATA/train.csv -> WORK/oof.csv, WORK/metrics.json (records the rule and clip), WORK/report/{roc,calibration}.png, WORK/stage2/stacker.json (AGG_RULE, CLIP)
+	$(PY) -m stage2_classify.evaluate --work $(WORK) --data $(DATA) $(if $(AGG_RULE),--rule $(AGG_RULE)) $(if $(CLIP),--clip $(CLIP))
 
-submit: install  ## score test crops with every fold model: WORK/stage1/crops/vertebrae.csv + WORK/stage2/ + DATA/sample_submission.csv -> WORK/submission.csv, WORK/stage2/submit_qc.csv
-	$(PY) -m stage2_classify.submit --work $(WORK) --data $(DATA) --rule $(AGG_RULE) --clip $(CLIP)
+submit: install  ## the whole test-time engine over the test studies (rule and clip as evaluate recorded, unless AGG_RULE/CLIP): DATA/test_images + WORK/stage1 + WORK/stage2 -> WORK/submission.csv (the rows of test.csv/sample_submission.csv), WORK/predict/<UID>/, WORK/stage2/submit_qc.csv; SHARD=i/N for one share
+	$(VENV)/bin/cspine submit $(DATA) --work $(WORK) --jobs $(JOBS) $(if $(AGG_RULE),--rule $(AGG_RULE)) $(if $(CLIP),--clip $(CLIP)) $(if $(SHARD),--shard $(SHARD))
 
 # ---------------------------------------------------------------- end to end (demo, smoke, report)
 # The chain run by `make demo` and `make smoke`, in order; each step skips finished work.
-PIPELINE_STEPS := synth check-data folds stage1-prepare stage1-fit stage1-predict crops stage2-fit evaluate submit report
+PIPELINE_STEPS := synth check-data folds stage1-prepare stage1-fit crops stage2-fit evaluate submit report
 SMOKE_DATA := $(if $(filter command line environment,$(origin DATA)),$(DATA),data/synth_tiny)
 SMOKE_WORK := $(if $(filter command line environment,$(origin WORK)),$(WORK),work/smoke)
 SMOKE_FOLDS ?= 0 1

@@ -50,10 +50,8 @@ $PY -m stage1_segment fit "${S1[@]}" --data.data_root "$T/tiny" --data.work_dir 
   --trainer.logger false --trainer.max_epochs $E1 --trainer.check_val_every_n_epoch 1 \
   "${DEV[@]}" 2>&1 | tail -4
 echo "stage 1 fit wall: $(( $(date +%s) - t0 )) s"
-$PY -m stage1_segment predict "${S1[@]}" --data.data_root "$T/tiny" \
-  --data.work_dir "$T/w" --trainer.logger false --ckpt_path last "${DEV[@]}" 2>&1 | tail -2
-$PY -m stage1_segment.crops "${S1[@]}" --data-root "$T/tiny" --work-dir "$T/w" \
-  --jobs $JOBS 2>&1 | tail -1
+$PY -m cspine crops "$T/tiny" --work "$T/w" "${S1[@]}" --stage1-ckpt last \
+  --device $DEVICE --jobs $JOBS 2>&1 | tail -1
 echo "== stage 2 fit (base.yaml), fold 0, $E2 epochs"
 t0=$(date +%s)
 $PY -m stage2_classify fit -c "$S2BASE" --data.fold 0 \

@@ -139,32 +139,25 @@ def stage2_rows(batch: int = 16) -> list[tuple[str, str]]:
 
 
 def end_to_end_rows(study: str, s1_ckpt: str, s2_ckpt: str) -> list[tuple[str, str]]:
+    """One study through the test-time engine (:class:`cspine.engine.StudyEngine`), cold and
+    warm, with the engine's own step timings."""
     from common.dicom_io import load_series
-    from stage1_segment.crops import CropConfig, crops_for_volume
-    from stage1_segment.inference import load_model, segment_to_grid
-    from stage2_classify.inference import load_models, score_crops
+    from cspine.engine import StudyEngine
+    from stage1_segment.crops import crop_config
+    from stage1_segment.inference import load_model
+    from stage2_classify.inference import load_models
 
     s1 = yaml.safe_load(Path("configs/stage1/base.yaml").read_text())
-    crop_cfg = CropConfig(**{k: v for k, v in s1["crops"].items()})
-    m1 = load_model(s1_ckpt, DEV)
-    m2 = load_models([s2_ckpt], DEV)
+    engine = StudyEngine(load_model(s1_ckpt, DEV), crop_config(s1["crops"]),
+                         load_models([s2_ckpt], DEV))
     rows = []
     for attempt in ("cold", "warm"):
-        t = {}
         t0 = time.perf_counter()
         vol = load_series(study, lenient=True)
-        t["load"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        mask, aff = segment_to_grid(m1, vol)
+        t = {"load": time.perf_counter() - t0}
+        result = engine.run(vol)
         _sync()
-        t["stage 1"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        crops = crops_for_volume(vol, mask, aff, crop_cfg)
-        t["crops"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        score_crops(m2, crops)
-        _sync()
-        t["stage 2"] = time.perf_counter() - t0
+        t.update(result.timing_s)
         total = sum(t.values())
         rows.append((f"one study end to end ({attempt})",
                      f"{vol.shape} voxels: " + ", ".join(f"{k} {v:.2f} s" for k, v in t.items())

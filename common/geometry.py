@@ -575,3 +575,29 @@ def resample_labels_axis_aligned(labels: np.ndarray, src_affine: np.ndarray,
             sel[axis] = outside
             out[tuple(sel)] = 0
     return out
+
+
+def labels_to_grid(labels: np.ndarray, src_affine: np.ndarray, dst_affine: np.ndarray,
+                   dst_shape: Sequence[int]) -> tuple[np.ndarray, str]:
+    """The one label map-back: labels on one grid onto another (nearest), by both affines.
+
+    Every caller that puts a label map onto another grid (stage-1 model-grid labels onto their
+    CT, a predicted mask onto a DICOM study, the overview) uses this function. Axis-aligned
+    grids (a :func:`grid_for_shape` / :func:`grid_for_spacing` grid over its own CT) take the
+    separable index lookup of :func:`resample_labels_axis_aligned`; any other pair goes through
+    :func:`map_labels_to_grid` (exact permutation, else nearest resampling).
+
+    Args:
+        labels: integer (X, Y, Z) label map on the grid of ``src_affine`` (voxel → RAS mm).
+        src_affine, dst_affine: float64 (4, 4) voxel → RAS mm of both grids.
+        dst_shape: (X, Y, Z) of the destination grid.
+
+    Returns:
+        (uint8 labels with ``dst_shape``, 0 outside the source; the method used:
+        ``"axis_aligned"``, ``"permutation"`` or ``"nearest"``).
+    """
+    out = resample_labels_axis_aligned(labels, src_affine, dst_affine, dst_shape)
+    if out is not None:
+        return out.astype(np.uint8, copy=False), "axis_aligned"
+    out, method = map_labels_to_grid(labels, src_affine, dst_affine, dst_shape)
+    return out.astype(np.uint8, copy=False), method

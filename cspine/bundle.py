@@ -45,7 +45,7 @@ def export_bundle(work: str | os.PathLike, out: str | os.PathLike) -> Path:
             shutil.copy2(spec.stacker, tmp / "stacker.json")
         write_json(tmp / "bundle.json", {
             "format": 1, "stage1": "stage1.ckpt", "stage2": stage2, "crops": spec.crops,
-            "rule": spec.rule, "stacker": "stacker.json" if spec.stacker else None,
+            "rule": spec.rule, "clip": list(spec.clip), "stacker": "stacker.json" if spec.stacker else None,
             "exported_from": str(Path(work).resolve()),
             "sources": {"stage1": str(spec.stage1), "stage2": [str(p) for p in spec.stage2]},
             "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})

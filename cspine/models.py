@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stage2_classify.aggregate import DEFAULT_RULE, RULES
+from stage2_classify.aggregate import DEFAULT_CLIP, DEFAULT_RULE, RULES
 
 
 class PredictError(RuntimeError):
@@ -34,7 +34,9 @@ class ModelSpec:
         stage1: stage-1 checkpoint (``.ckpt``).
         stage2: stage-2 fold checkpoints (averaged in probability space).
         crops: crop settings of ``stage1_segment.crops.CropConfig`` used to train stage 2.
-        rule: ``patient_overall`` rule (from a WORK folder: the rule ``make evaluate`` used).
+        rule: ``patient_overall`` rule (from a WORK folder: the rule ``make evaluate`` recorded
+            in ``metrics.json``, unless the user overrides it).
+        clip: final probability range (from a WORK folder: the one ``make evaluate`` recorded).
         stacker: ``stacker.json`` fitted by ``make evaluate`` (None: not used).
         source: the WORK folder or bundle the spec was read from.
     """
@@ -42,7 +44,8 @@ class ModelSpec:
     stage1: Path
     stage2: list[Path]
     crops: dict[str, Any] = field(default_factory=dict)
-    rule: str = "noisy_or"
+    rule: str = DEFAULT_RULE
+    clip: tuple[float, float] = DEFAULT_CLIP
     stacker: Path | None = None
     source: str = ""
 
@@ -55,6 +58,7 @@ class ModelSpec:
         d["stage1"] = str(self.stage1)
         d["stage2"] = [str(p) for p in self.stage2]
         d["stacker"] = str(self.stacker) if self.stacker else None
+        d["clip"] = [float(c) for c in self.clip]
         return d
 
 
@@ -66,12 +70,16 @@ def _existing(path: str | os.PathLike, *fallbacks: Path) -> Path:
     raise PredictError(f"checkpoint {path} not found (nor {', '.join(map(str, fallbacks))})")
 
 
-def models_from_work(work: str | os.PathLike) -> ModelSpec:
+def models_from_work(work: str | os.PathLike, rule: str | None = None,
+                     clip: tuple[float, float] | None = None) -> ModelSpec:
     """The models of a training run folder ``WORK`` (``make demo`` / the stage targets).
 
     Stage 1: ``WORK/stage1/run.json`` → ``best_checkpoint`` (else ``checkpoints/last.ckpt``);
     stage 2: every ``WORK/stage2/fold<k>/run.json`` → ``checkpoint``; crop settings from
-    ``WORK/stage1/crops/run.json``; ``WORK/stage2/stacker.json`` when present.
+    ``WORK/stage1/crops/run.json``; the ``patient_overall`` rule and clip range that
+    ``make evaluate`` recorded (``WORK/metrics.json``) unless ``rule`` / ``clip`` override them
+    (the one rule source of ``make submit`` and ``cspine predict``); ``WORK/stage2/stacker.json``
+    for the stacker rule.
 
     Raises:
         PredictError: naming the missing file and the make target that writes it.
@@ -97,21 +105,35 @@ def models_from_work(work: str | os.PathLike) -> ModelSpec:
     crops_run = s1 / "crops" / "run.json"
     crops = json.loads(crops_run.read_text()).get("crops", {}) if crops_run.is_file() else {}
     stacker = work / "stage2" / "stacker.json"
-    rule = evaluated_rule(work)
+    recorded_rule, recorded_clip = evaluated_settings(work)
+    rule = rule or recorded_rule
+    if rule not in RULES:
+        raise PredictError(f"unknown patient_overall rule {rule!r}; choose from {', '.join(RULES)}")
+    if rule == "stacker" and not stacker.is_file():
+        raise PredictError(f"rule stacker needs {stacker}: run `make evaluate WORK={work}` (it "
+                           f"fits the stacker on the out-of-fold predictions)")
     return ModelSpec(stage1=stage1, stage2=stage2, crops=crops, rule=rule,
-                     stacker=stacker if rule == "stacker" and stacker.is_file() else None,
-                     source=str(work))
+                     clip=tuple(clip) if clip else recorded_clip,
+                     stacker=stacker if rule == "stacker" else None, source=str(work))
+
+
+def evaluated_settings(work: Path) -> tuple[str, tuple[float, float]]:
+    """The ``patient_overall`` rule and clip range that ``make evaluate`` recorded
+    (``WORK/metrics.json`` → ``rule``, ``clip``), else the defaults."""
+    rule, clip = DEFAULT_RULE, DEFAULT_CLIP
+    metrics = Path(work) / "metrics.json"
+    if metrics.is_file():
+        doc = json.loads(metrics.read_text())
+        if doc.get("rule") in RULES:
+            rule = str(doc["rule"])
+        if isinstance(doc.get("clip"), list) and len(doc["clip"]) == 2:
+            clip = (float(doc["clip"][0]), float(doc["clip"][1]))
+    return rule, clip
 
 
 def evaluated_rule(work: Path) -> str:
-    """The ``patient_overall`` rule that ``make evaluate`` scored (``WORK/metrics.json`` →
-    ``rule``), or the default rule when there is none."""
-    metrics = work / "metrics.json"
-    if metrics.is_file():
-        rule = json.loads(metrics.read_text()).get("rule")
-        if rule in RULES:
-            return str(rule)
-    return DEFAULT_RULE
+    """The ``patient_overall`` rule that ``make evaluate`` recorded (or the default)."""
+    return evaluated_settings(work)[0]
 
 
 def models_from_bundle(bundle: str | os.PathLike) -> ModelSpec:
@@ -124,6 +146,7 @@ def models_from_bundle(bundle: str | os.PathLike) -> ModelSpec:
     meta = json.loads(meta_path.read_text())
     return ModelSpec(stage1=_existing(bundle / meta["stage1"]),
                      stage2=[_existing(bundle / p) for p in meta["stage2"]],
-                     crops=meta.get("crops", {}), rule=meta.get("rule", "noisy_or"),
+                     crops=meta.get("crops", {}), rule=meta.get("rule", DEFAULT_RULE),
+                     clip=tuple(meta.get("clip", DEFAULT_CLIP)),
                      stacker=bundle / meta["stacker"] if meta.get("stacker") else None,
                      source=str(bundle))

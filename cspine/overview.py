@@ -70,9 +70,7 @@ def render_overview(path: str | os.PathLike, volume: Volume, grid_mask: np.ndarr
     from common.atomic import atomic_path
 
     hu, affine = geometry.reorient(volume.hu, volume.affine, "LPS")
-    from cspine.predict import labels_to_grid
-
-    mask, _ = labels_to_grid(grid_mask, grid_affine, affine, hu.shape)
+    mask, _ = geometry.labels_to_grid(grid_mask, grid_affine, affine, hu.shape)
     sx, sy, sz = geometry.spacing_of(affine)
     nx, ny, nz = hu.shape
     present = [v for i, v in enumerate(VERTEBRAE, start=1) if (mask == i).any()]

@@ -5,11 +5,9 @@
 1. load: :func:`common.dicom_io.load_series` (a DICOM folder) or :func:`common.nifti_io.load_nifti`
    (a ``.nii``/``.nii.gz`` CT in HU; reoriented to the DICOM axial axis order L, P, S so that the
    crops look like the training crops);
-2. stage 1: :func:`stage1_segment.inference.segment_to_grid` (C1–C7 labels on the model grid);
-3. crops: :func:`stage1_segment.crops.crops_for_volume` with the crop settings the stage-2 models
-   were trained on;
-4. stage 2: :func:`stage2_classify.inference.score_crops` (fold models averaged, the run's
-   ``patient_overall`` rule).
+2. the test-time engine, :meth:`cspine.engine.StudyEngine.run` — the same code that
+   ``make submit`` runs over the test studies and ``make crops`` over the train studies: stage 1,
+   boxes, crops, stage 2 (fold models averaged, the run's ``patient_overall`` rule and clip).
 
 Outputs, written into a temporary sibling folder and moved into ``OUT`` only when complete:
 
@@ -35,7 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from common.labels import OVERALL, TARGETS, VERTEBRAE
+from common import geometry
+from common.labels import OVERALL, VERTEBRAE
+from cspine.engine import StudyEngine, StudyResult
 # ModelSpec and the two readers are re-exported: `from cspine.predict import models_from_work`.
 from cspine.models import (ModelSpec, PredictError, models_from_bundle,  # noqa: F401
                            models_from_work, one_line)
@@ -108,86 +108,6 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _crop_config(crops: dict[str, Any]):
-    from stage1_segment.crops import CropConfig
-
-    known = {k: v for k, v in crops.items() if k in CropConfig.__dataclass_fields__}
-    if "shape" in known:
-        known["shape"] = tuple(known["shape"])
-    return CropConfig(**known)
-
-
-class Predictor:
-    """Loaded models, reusable over many studies (load once, predict many).
-
-    Args:
-        spec: the models (:func:`models_from_work` / :func:`models_from_bundle`).
-        device: ``cpu`` or ``cuda``.
-    """
-
-    def __init__(self, spec: ModelSpec, device: str = "cpu"):
-        from stage1_segment.inference import load_model
-        from stage2_classify.aggregate import Stacker
-        from stage2_classify.inference import load_models
-
-        t0 = time.perf_counter()
-        self.spec = spec
-        self.device = device
-        try:
-            self.stage1 = load_model(spec.stage1, map_location=device)
-            self.stage2 = load_models(spec.stage2, map_location=device)
-        except (OSError, KeyError, RuntimeError, ValueError) as exc:
-            raise PredictError(one_line(f"cannot load the models from {spec.source}: {exc}")
-                               ) from None
-        self.stacker = Stacker.load(spec.stacker) if spec.stacker else None
-        self.crop_config = _crop_config(spec.crops)
-        self.load_seconds = time.perf_counter() - t0
-
-    def predict_volume(self, volume) -> dict[str, Any]:
-        """Run stage 1, crops and stage 2 on a loaded volume.
-
-        Returns:
-            ``probabilities`` {target: p}, ``grid_mask`` uint8 (X', Y', Z') with ``grid_affine``
-            (model grid), ``crops`` {vertebra: (image, mask, affine) | None}, ``timing_s``.
-        """
-        from stage1_segment.crops import crops_for_volume
-        from stage1_segment.inference import segment_to_grid
-        from stage2_classify.inference import score_crops
-
-        timing = {}
-        t0 = time.perf_counter()
-        grid_mask, grid_affine = segment_to_grid(self.stage1, volume)
-        timing["stage1"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        crops = crops_for_volume(volume, grid_mask, grid_affine, self.crop_config)
-        timing["crops"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        rule = self.spec.rule  # "stacker" only with a stacker (ModelSpec)
-        probs = score_crops(self.stage2, crops, rule=rule, stacker=self.stacker)
-        timing["stage2"] = time.perf_counter() - t0
-        return {"probabilities": probs, "grid_mask": grid_mask, "grid_affine": grid_affine,
-                "crops": crops, "timing_s": timing, "rule": rule}
-
-
-def labels_to_grid(labels: np.ndarray, src_affine: np.ndarray, dst_affine: np.ndarray,
-                   dst_shape: tuple[int, ...]) -> tuple[np.ndarray, str]:
-    """Model-grid labels onto another grid (nearest), as stage 1 maps them back to its CT.
-
-    Uses :func:`common.geometry.resample_labels_axis_aligned` when the grids are axis-aligned
-    (the model grid over its own CT), else :func:`common.geometry.map_labels_to_grid`.
-
-    Returns:
-        (uint8 labels with ``dst_shape``, the method used).
-    """
-    from common import geometry
-
-    out = geometry.resample_labels_axis_aligned(labels, src_affine, dst_affine, dst_shape)
-    if out is not None:
-        return out.astype(np.uint8, copy=False), "axis_aligned"
-    out, method = geometry.map_labels_to_grid(labels, src_affine, dst_affine, dst_shape)
-    return out.astype(np.uint8, copy=False), method
-
-
 def saliency_points(models, crops: dict[str, Any], vertebrae: list[str]
                     ) -> dict[str, np.ndarray]:
     """World point (RAS mm) of the axial crop slice where stage 2 looks most, per vertebra.
@@ -225,9 +145,9 @@ def saliency_points(models, crops: dict[str, Any], vertebrae: list[str]
     return out
 
 
-def predict_study(study: str | os.PathLike, out_dir: str | os.PathLike, predictor: Predictor,
+def predict_study(study: str | os.PathLike, out_dir: str | os.PathLike, engine: StudyEngine,
                   threshold: float = DEFAULT_THRESHOLD, lenient: bool = False,
-                  volume=None) -> dict[str, Any]:
+                  volume=None, spec: ModelSpec | None = None) -> dict[str, Any]:
     """Predict one study and write the outputs of the module docstring into ``out_dir``.
 
     Nothing is written under ``out_dir`` unless every output is complete: the files are made in
@@ -237,10 +157,11 @@ def predict_study(study: str | os.PathLike, out_dir: str | os.PathLike, predicto
     Args:
         study: the DICOM folder or NIfTI file.
         out_dir: output folder.
-        predictor: loaded models.
+        engine: the loaded test-time engine (:meth:`StudyEngine.from_spec`).
         threshold: flag vertebrae with p ≥ threshold.
         lenient: lenient DICOM loading.
         volume: the study already loaded by :func:`load_input` (else it is loaded here).
+        spec: the models' spec, recorded in ``probabilities.json``.
 
     Returns:
         the ``probabilities.json`` document.
@@ -262,22 +183,18 @@ def predict_study(study: str | os.PathLike, out_dir: str | os.PathLike, predicto
     t_load = volume.qc.get("load_seconds", time.perf_counter() - t0)
     if preloaded:  # the total covers the loading done by the caller
         t_start -= t_load
-    result = predict_volume_safe(predictor, volume, study)
-    probs = result["probabilities"]
+    result = run_engine(engine, volume, study)
+    probs = result.probabilities
     original_affine, original_shape = _input_geometry(volume)
-    mask, method = labels_to_grid(result["grid_mask"], result["grid_affine"], original_affine,
-                                  original_shape)
-    found = [v for v in VERTEBRAE if result["crops"].get(v) is not None]
+    mask, method = geometry.labels_to_grid(result.grid_labels, result.grid_affine,
+                                           original_affine, original_shape)
     flagged = [v for v in VERTEBRAE if probs[v] >= threshold]
     t0 = time.perf_counter()
-    points = saliency_points(predictor.stage2, result["crops"], flagged)
-    result["timing_s"]["saliency"] = time.perf_counter() - t0
+    points = saliency_points(engine.stage2, result.crops, flagged)
+    result.timing_s["saliency"] = time.perf_counter() - t0
     doc = {
-        "study": volume.study_uid, "input": str(Path(study).resolve()),
-        "probabilities": {t: round(float(probs[t]), 6) for t in TARGETS},
-        "threshold": threshold, "flagged": flagged, "vertebrae_found": found,
-        "vertebrae_missing": [v for v in VERTEBRAE if v not in found],
-        "patient_overall_rule": result["rule"],
+        **result.to_json(volume), "input": str(Path(study).resolve()),
+        "threshold": threshold, "flagged": flagged,
         "mask": {"file": "vertebrae_mask.nii.gz", "shape": list(original_shape),
                  "values": {str(i + 1): v for i, v in enumerate(VERTEBRAE)},
                  "mapped_by": method},
@@ -289,10 +206,10 @@ def predict_study(study: str | os.PathLike, out_dir: str | os.PathLike, predicto
                                          for v, p in points.items()}},
         "input_qc": {k: volume.qc.get(k) for k in ("status", "reasons", "repairs", "warnings",
                                                    "shape", "spacing") if k in volume.qc},
-        "models": predictor.spec.to_json(), "device": predictor.device,
-        "timing_s": {"load_models": round(predictor.load_seconds, 3),
+        "models": spec.to_json() if spec is not None else None, "device": engine.device,
+        "timing_s": {"load_models": round(engine.load_seconds, 3),
                      "load_input": round(t_load, 3),
-                     **{k: round(v, 3) for k, v in result["timing_s"].items()}},
+                     **{k: round(v, 3) for k, v in result.timing_s.items()}},
         "versions": _versions(),
     }
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -300,7 +217,7 @@ def predict_study(study: str | os.PathLike, out_dir: str | os.PathLike, predicto
     try:
         save_nifti(tmp / "vertebrae_mask.nii.gz", mask.astype(np.uint8), original_affine)
         t0 = time.perf_counter()
-        render_overview(tmp / "overview.png", volume, result["grid_mask"], result["grid_affine"],
+        render_overview(tmp / "overview.png", volume, result.grid_labels, result.grid_affine,
                         probs, threshold, title=volume.study_uid, axial_points=points)
         doc["timing_s"]["overview"] = round(time.perf_counter() - t0, 3)
         doc["timing_s"]["total"] = round(time.perf_counter() - t_start, 3)
@@ -312,10 +229,10 @@ def predict_study(study: str | os.PathLike, out_dir: str | os.PathLike, predicto
     return doc
 
 
-def predict_volume_safe(predictor: Predictor, volume, study: str | os.PathLike) -> dict[str, Any]:
-    """:meth:`Predictor.predict_volume` with model failures turned into a one-line error."""
+def run_engine(engine: StudyEngine, volume, study: str | os.PathLike) -> StudyResult:
+    """:meth:`StudyEngine.run` with model failures turned into a one-line error."""
     try:
-        return predictor.predict_volume(volume)
+        return engine.run(volume)
     except (ValueError, RuntimeError) as exc:
         raise PredictError(one_line(f"{study}: prediction failed: {exc}")) from None
 

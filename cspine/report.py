@@ -4,14 +4,15 @@ Sections (each from the run's own records; a missing record gives a "not availab
 the file and the make target that writes it):
 
 1. data census: ``WORK/qc_data.csv`` (``make check-data``);
-2. stage 1: validation Dice per vertebra (``WORK/stage1/run.json``), Dice recomputed from the
-   predicted masks against the aligned ground truth of the validation-fold studies
-   (``WORK/stage1/predict/masks`` vs ``WORK/stage1/cache``), and example sagittal overlays;
+2. stage 1: validation Dice per vertebra (``WORK/stage1/run.json``), the Dice of the engine's
+   labels against the aligned ground truth of the validation-fold studies (scored by
+   ``make crops``: ``WORK/stage1/crops/qc_crops.csv``), and example sagittal overlays
+   (``WORK/stage1/masks`` over ``WORK/stage1/cache``);
 3. stage 2: the metric table against the constant-prevalence baseline, AUC per target, per-fold
    losses (``WORK/metrics.json``), ROC and calibration plots (``WORK/report/{roc,calibration}.png``,
    ``make evaluate``);
 4. QC: failed studies and the slowest studies of every step (``qc_prepare.csv``,
-   ``qc_predict.csv``, the crop manifest, ``submit_qc.csv``).
+   ``qc_crops.csv``, the crop manifest, ``submit_qc.csv``).
 
 Output: ``WORK/report/index.html`` with every image embedded (base64), and the PNGs it made
 beside it (``dice.png``, ``overlays.png``).
@@ -131,40 +132,29 @@ def census_section(work: Path) -> str:
 
 def recomputed_dice(work: Path, fold: int | None, limit: int = 200
                     ) -> tuple[pd.DataFrame, list[str]]:
-    """Dice per vertebra of the predicted (cleaned) masks vs the cached ground truth.
+    """Dice per vertebra of the engine's cleaned labels vs the cached ground truth.
 
-    Uses the validation-fold studies (``WORK/folds.csv`` == ``fold``) that have a mask; both are
-    on the same model grid (the prediction's affine equals the cache's).
+    ``make crops`` scores every segmented train study on the model grid as it runs the engine
+    (``WORK/stage1/crops/qc_crops.csv`` → ``dice_C1`` … ``dice_C7``); this keeps the
+    validation-fold studies (``WORK/folds.csv`` == ``fold``).
 
     Returns:
         (one row per study: study_uid + C1..C7 Dice, NaN when that vertebra is absent from the
         ground truth; the UIDs in the order used).
     """
-    from common.nifti_io import load_nifti
-    from stage1_segment.predict import dice_per_vertebra
-    from stage1_segment.prepare import load_cached
-
-    masks = work / "stage1" / "predict" / "masks"
+    qc = _csv(work / "stage1" / "crops" / "qc_crops.csv")
     folds = _csv(work / "folds.csv")
-    if folds is None or not masks.is_dir():
+    columns = [f"dice_{v}" for v in VERTEBRAE]
+    if qc is None or folds is None or not set(columns) & set(qc.columns):
         return pd.DataFrame(columns=["study_uid", *VERTEBRAE]), []
     uids = folds["StudyInstanceUID"].astype(str)
     if fold is not None:
         uids = uids[folds["fold"] == int(fold)]
-    rows = []
-    for uid in list(uids)[:limit]:
-        pred_path = masks / f"{uid}.nii.gz"
-        cached = sorted((work / "stage1" / "cache").glob(f"*/{uid}.npz"))
-        if not pred_path.is_file() or not cached:
-            continue
-        study = load_cached(cached[-1])
-        if study.label is None:
-            continue
-        pred, _ = load_nifti(pred_path)
-        if tuple(pred.shape) != tuple(study.label.shape):
-            continue
-        rows.append({"study_uid": uid, **dice_per_vertebra(np.asarray(pred), study.label)})
-    frame = pd.DataFrame(rows, columns=["study_uid", *VERTEBRAE])
+    qc = qc[qc["study_uid"].astype(str).isin(set(uids))].head(limit)
+    frame = pd.DataFrame({"study_uid": qc["study_uid"].astype(str)})
+    for v in VERTEBRAE:
+        frame[v] = pd.to_numeric(qc.get(f"dice_{v}"), errors="coerce")
+    frame = frame[frame[list(VERTEBRAE)].notna().any(axis=1)].reset_index(drop=True)
     return frame, frame["study_uid"].tolist()
 
 
@@ -215,7 +205,9 @@ def plot_overlays(work: Path, uids: list[str], path: Path, n: int = 3) -> bool:
     fig, axes = plt.subplots(len(chosen), 2, figsize=(6.4, 3.3 * len(chosen)), squeeze=False)
     for row, uid in enumerate(chosen):
         study = load_cached(sorted((work / "stage1" / "cache").glob(f"*/{uid}.npz"))[-1])
-        pred, _ = load_nifti(work / "stage1" / "predict" / "masks" / f"{uid}.nii.gz")
+        ct_mask, ct_affine = load_nifti(work / "stage1" / "masks" / f"{uid}.nii.gz")
+        pred, _ = geometry.labels_to_grid(np.asarray(ct_mask), ct_affine, study.affine,
+                                          study.image.shape)
         image, aff = geometry.reorient(np.asarray(study.image), study.affine, "LPS")
         truth, _ = geometry.reorient(np.asarray(study.label), study.affine, "LPS")
         pred, _ = geometry.reorient(np.asarray(pred), study.affine, "LPS")
@@ -251,7 +243,7 @@ def stage1_section(work: Path, report_dir: Path) -> str:
                      *means, float(np.nanmean(means))])
     out.append(f"<p class='note'>Validation fold {_esc(s1['fold'])}, checkpoint "
                f"<code>{_esc(Path(s1['checkpoint']).name)}</code>, {_esc(s1['epochs'])} epochs. "
-               f"The second row scores the written masks (largest connected component per "
+               f"The second row scores the engine's labels (largest connected component per "
                f"vertebra) against the aligned ground truth on the model grid.</p>")
     out.append(table(rows, ["", *VERTEBRAE, "mean"], 3))
     plot_dice(s1["dice"], rec, report_dir / "dice.png")
@@ -261,11 +253,11 @@ def stage1_section(work: Path, report_dir: Path) -> str:
     out.append("<div class='row'>" + "".join(imgs) + "</div>")
     out.append("<p class='note'>Overlays: sagittal slice through the middle of the spine, on the "
                "stage-1 model grid, anterior left, superior up.</p>")
-    qc = _csv(work / "stage1" / "predict" / "qc_predict.csv")
+    qc = _csv(work / "stage1" / "crops" / "qc_crops.csv")
     if qc is not None and "found" in qc:
         incomplete = qc[pd.to_numeric(qc["found"], errors="coerce") < len(VERTEBRAE)]
-        out.append(f"<p>{len(qc)} studies predicted; {len(incomplete)} with fewer than 7 "
-                   f"vertebrae found.</p>")
+        out.append(f"<p>{len(qc)} train studies through the engine (<code>make crops</code>); "
+                   f"{len(incomplete)} with fewer than 7 vertebrae found.</p>")
     return "".join(out)
 
 
@@ -329,15 +321,13 @@ def qc_section(work: Path) -> str:
     if prep is not None and "status" in prep:
         for r in prep[prep["status"].astype(str).str.startswith("fail")].itertuples():
             failed.append(("stage1-prepare", r.study_uid, f"{r.reason}: {r.message}"))
-    pred = _csv(work / "stage1" / "predict" / "qc_predict.csv")
+    pred = _csv(work / "stage1" / "crops" / "qc_crops.csv")
     if pred is not None and "status" in pred:
         for r in pred[pred["status"].astype(str) != "ok"].itertuples():
-            failed.append(("stage1-predict", r.study_uid, r.status))
+            failed.append(("crops", r.study_uid, f"{r.status}: {getattr(r, 'message', '')}"))
     man = _csv(work / "stage1" / "crops" / "vertebrae.csv")
     if man is not None and "qc_status" in man:
         bad = man[man["qc_status"].astype(str).str.startswith("failed")]
-        for uid, g in bad.groupby("study_uid"):
-            failed.append(("crops", uid, g["qc_status"].iloc[0]))
         absent = man[man["qc_status"].astype(str).str.startswith("absent")]
         out.append(f"<p>Crop manifest: {int((man['qc_status'] == 'ok').sum())} crops, "
                    f"{len(absent)} vertebrae marked absent, {len(bad)} rows failed.</p>")
@@ -353,10 +343,11 @@ def qc_section(work: Path) -> str:
     for title, path, uid, cols in (
             ("stage1-prepare (load + resample)", work / "stage1" / "qc_prepare.csv", "study_uid",
              ["split", "status", "src_shape"]),
-            ("stage1-predict (write mask + boxes)", work / "stage1" / "predict" / "qc_predict.csv",
-             "study_uid", ["split", "found", "dice_mean"]),
-            ("submit (stage-2 scoring)", work / "stage2" / "submit_qc.csv", "StudyInstanceUID",
-             ["status", "crops_used"])):
+            ("crops (engine, stage-1 part, train studies)",
+             work / "stage1" / "crops" / "qc_crops.csv", "study_uid",
+             ["split", "volume", "found", "dice_mean"]),
+            ("submit (engine, test studies)", work / "stage2" / "submit_qc.csv",
+             "StudyInstanceUID", ["status", "volume", "crops_used"])):
         slow = _slowest(path, uid, cols)
         if slow is not None:
             out.append(f"<h3>Slowest: {_esc(title)}</h3>" + frame_table(slow))

@@ -7,7 +7,11 @@ What a run folder holds (written by the stage targets; every one is optional her
 * ``WORK/metrics.json``: stage-2 out-of-fold competition metric (``comp_loss``,
   ``comp_loss_global``), ``baseline_prevalence``, ``rules`` and ``auc`` per target;
 * ``WORK/submission.csv``, ``WORK/oof.csv``, ``WORK/report/index.html``;
-* the offline W&B runs under ``WORK/stage1/wandb`` and ``WORK/stage2/fold<k>/wandb``.
+* the offline W&B runs under ``WORK/stage1/wandb`` and ``WORK/stage2/fold<k>/wandb``;
+* the QC records of the steps that load DICOM (``WORK/stage1/qc_prepare.csv``,
+  ``WORK/stage1/crops/qc_crops.csv``, ``WORK/stage2/submit_qc.csv``), whose ``volume`` column
+  says whether a step decoded the study (``decoded``), read it from the volume cache
+  (``cache``) or found its outputs current (``done``).
 """
 
 from __future__ import annotations
@@ -73,6 +77,33 @@ def outputs(work: str | os.PathLike) -> dict[str, Path]:
     return {k: p for k, p in cands.items() if p.exists()}
 
 
+#: (QC record under WORK, its study column) of every step that loads a study's DICOM.
+LOADING_STEPS = (("stage1/qc_prepare.csv", "study_uid"), ("stage1/crops/qc_crops.csv", "study_uid"),
+                 ("stage2/submit_qc.csv", "StudyInstanceUID"))
+
+
+def decode_counts(work: str | os.PathLike) -> dict[str, int]:
+    """Full DICOM decodes per study in the run's QC records (``volume == "decoded"``).
+
+    Returns:
+        study UID → number of steps that decoded it, for every study any loading step lists.
+    """
+    import pandas as pd
+
+    counts: dict[str, int] = {}
+    for rel, col in LOADING_STEPS:
+        path = Path(work) / rel
+        if not path.is_file():
+            continue
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        if col not in frame:
+            continue
+        decoded = frame["volume"] if "volume" in frame else pd.Series([""] * len(frame))
+        for uid, how in zip(frame[col], decoded):
+            counts[uid] = counts.get(uid, 0) + int(how == "decoded")
+    return counts
+
+
 def _f(x: float | None, nd: int = 3) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
 
@@ -104,6 +135,12 @@ def format_summary(work: str | os.PathLike, seconds: float | None = None) -> str
             + f"  mean C1-C7={_f(auc.get('mean_vertebra'))}")
     else:
         lines.append(f"stage 2: not evaluated ({work / 'metrics.json'} missing)")
+    decodes = decode_counts(work)
+    if decodes:
+        per = sorted(set(decodes.values()))
+        lines.append(f"DICOM decodes per study: {'/'.join(map(str, per))} "
+                     f"({sum(decodes.values())} decodes, {len(decodes)} studies; stage1-prepare "
+                     f"keeps what it decodes for crops)")
     outs = outputs(work)
     lines.append("outputs: " + ", ".join(f"{k} {p}" for k, p in outs.items()))
     runs = wandb_runs(work)

@@ -21,6 +21,11 @@ import numpy as np
 from common import geometry
 from common.labels import VERTEBRAE
 
+#: Tolerance, in source voxels, of the box-face → source-voxel rounding. The faces of a grid made
+#: to cover its CT often fall exactly on source voxel centres; float error in an affine (e.g. one
+#: that went through float32, ~1e-5 voxel over a 300-slice study) must not move a box by a slice.
+BOX_TOL_VOXELS = 1e-3
+
 
 def vertebra_box(mask: np.ndarray, mask_affine: np.ndarray, label: int,
                  src_affine: np.ndarray, src_shape: Sequence[int],
@@ -43,8 +48,8 @@ def vertebra_box(mask: np.ndarray, mask_affine: np.ndarray, label: int,
     # source voxels whose centres lie inside the grid box (what nearest-neighbour maps to it)
     src = geometry.world_to_voxel(src_affine, corners)
     top = np.asarray(src_shape) - 1
-    src_lo = np.clip(np.ceil(src.min(axis=0) - 1e-6).astype(int), 0, top)
-    src_hi = np.clip(np.floor(src.max(axis=0) + 1e-6).astype(int), 0, top)
+    src_lo = np.clip(np.ceil(src.min(axis=0) - BOX_TOL_VOXELS).astype(int), 0, top)
+    src_hi = np.clip(np.floor(src.max(axis=0) + BOX_TOL_VOXELS).astype(int), 0, top)
     src_hi = np.maximum(src_hi, src_lo)
     box = {"voxels": int((mask == label).sum()),
            "grid_lo": lo.tolist(), "grid_hi": hi.tolist(),

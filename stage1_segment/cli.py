@@ -1,4 +1,4 @@
-"""LightningCLI entry of stage 1: ``python -m stage1_segment fit|validate|predict -c CONFIG``.
+"""LightningCLI entry of stage 1: ``python -m stage1_segment fit|validate|test -c CONFIG``.
 
 Conventions (STYLE.md §2):
 
@@ -12,6 +12,8 @@ Conventions (STYLE.md §2):
 * a ``checkpoint`` group configures ``ModelCheckpoint`` (best by ``val/dice_mean`` plus
   ``last.ckpt``; resume with ``--ckpt_path last``); a ``crops`` group holds the settings of
   ``make crops`` so one YAML describes the whole stage;
+* there is no ``predict`` subcommand: every prediction goes through the one test-time engine
+  (:mod:`cspine.engine`: ``make crops``, ``make submit``, ``cspine predict``);
 * W&B: the YAML's ``WandbLogger`` is offline; if ``WANDB_MODE`` is set in the environment it
   decides instead (``disabled`` in tests, ``online`` to upload). Its files go to
   ``$WORK/stage1`` unless ``save_dir`` is given. The resolved config is written beside the
@@ -32,7 +34,6 @@ from common.labels import num_classes
 from stage1_segment.crops import CropConfig
 from stage1_segment.data import Stage1DataModule
 from stage1_segment.module import Stage1Module
-from stage1_segment.predict import Stage1PredictionWriter, resolve_checkpoint
 
 #: data → model links: settings the checkpoint must carry for inference.
 LINKED_TO_MODEL = ("hu_window", "grid_shape", "grid_spacing_mm", "patch_size", "thoracic")
@@ -41,11 +42,6 @@ LINKED_TO_MODEL = ("hu_window", "grid_shape", "grid_spacing_mm", "patch_size", "
 def checkpoint_dir(work_dir: str) -> str:
     """``$WORK/stage1/checkpoints``: fixed, so ``--ckpt_path last`` finds the previous run."""
     return str(Path(work_dir) / "stage1" / "checkpoints")
-
-
-def predict_dir(work_dir: str) -> str:
-    """``$WORK/stage1/predict``."""
-    return str(Path(work_dir) / "stage1" / "predict")
 
 
 class LoggedSaveConfigCallback(SaveConfigCallback):
@@ -89,19 +85,12 @@ class Stage1CLI(LightningCLI):
                               compute_fn=num_classes)
         for key in LINKED_TO_MODEL:
             parser.link_arguments(f"data.{key}", f"model.{key}")
-        parser.add_lightning_class_args(Stage1PredictionWriter, "writer")
-        parser.link_arguments("data.work_dir", "writer.output_dir", compute_fn=predict_dir)
         parser.add_class_arguments(CropConfig, "crops")
 
-    def before_predict(self) -> None:
-        """Resolve ``--ckpt_path best|last`` from ``$WORK/stage1/checkpoints``; stream outputs."""
-        config = self.config_init[self.subcommand]
-        # the writer saves each study as it comes; keeping every mask in memory would not scale
-        config["return_predictions"] = False
-        spec = config.get("ckpt_path")
-        if spec in ("best", "last"):
-            config["ckpt_path"] = str(resolve_checkpoint(
-                spec, checkpoint_dir(self.config[self.subcommand].data.work_dir)))
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit, validate and test (prediction runs through :mod:`cspine.engine`)."""
+        return {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
 
     def after_fit(self) -> None:
         """Validate the best checkpoint and record the run in ``$WORK/stage1/run.json``."""

@@ -1,7 +1,7 @@
 """LightningDataModule for stage 1: cached model-grid volumes of the segmented train studies.
 
 ``prepare_data`` fills the cache (:mod:`stage1_segment.prepare`, skipping cached studies) for
-the train studies that have a mask (every study when predicting); ``setup`` splits them by the shared fold file
+the train studies that have a mask; ``setup`` splits them by the shared fold file
 ``$WORK/folds.csv`` (:func:`common.folds.ensure_folds`): the studies of ``val_fold`` validate,
 the others train. The cache files already are the persistent cache (decoded, resampled), so
 MONAI's ``CacheDataset`` only keeps the loaded, windowed arrays in memory (``cache_rate``)
@@ -14,7 +14,6 @@ import os
 from pathlib import Path
 
 import pytorch_lightning as pl
-from pytorch_lightning.trainer.states import TrainerFn
 from monai.data import CacheDataset, Dataset, list_data_collate
 from torch.utils.data import DataLoader
 
@@ -75,17 +74,12 @@ class Stage1DataModule(pl.LightningDataModule):
         """Output classes including background (8, or 9 with merged thoracic)."""
         return count_classes(self.settings.thoracic)
 
-    def _predicting(self) -> bool:
-        trainer = getattr(self, "trainer", None)
-        return trainer is not None and trainer.state.fn == TrainerFn.PREDICTING
-
     def prepare_data(self) -> None:
-        """Fill the cache (cached studies are skipped; failures are QC rows): the segmented
-        train studies for fit/validate, every train and test study for predict."""
-        predicting = self._predicting()
-        prepare_studies(self.data_root, self.work_dir, self.settings,
-                        splits=("train", "test"), masked_only=not predicting,
-                        jobs=self.hparams.prepare_jobs, lenient=self.hparams.lenient)
+        """Fill the cache for the segmented train studies (cached studies are skipped; failures
+        are QC rows)."""
+        prepare_studies(self.data_root, self.work_dir, self.settings, splits=("train",),
+                        masked_only=True, jobs=self.hparams.prepare_jobs,
+                        lenient=self.hparams.lenient)
 
     def _usable(self, splits: tuple[str, ...] = ("train",), masked_only: bool = True
                 ) -> list[str]:
@@ -98,8 +92,6 @@ class Stage1DataModule(pl.LightningDataModule):
         from common.dataset import RSNADataset
         from common.folds import ensure_folds
 
-        if stage == "predict":
-            return
         labels = RSNADataset(self.data_root).labels
         folds = ensure_folds(labels, self.work_dir / "folds.csv", self.hparams.n_folds,
                              self.hparams.fold_seed)
@@ -137,12 +129,3 @@ class Stage1DataModule(pl.LightningDataModule):
         return DataLoader(ds, batch_size=1, shuffle=False, num_workers=self.hparams.num_workers,
                           collate_fn=list_data_collate,
                           persistent_workers=self.hparams.num_workers > 0)
-
-    def predict_dataloader(self) -> DataLoader:
-        """Every cached train and test study, one per batch (studies that failed to prepare
-        are absent here and recorded in ``qc_prepare.csv``)."""
-        uids = self._usable(("train", "test"), masked_only=False)
-        return DataLoader(Dataset(self._items(uids), val_transforms(self.hu_window,
-                                                                    self.patch_size)),
-                          batch_size=1, shuffle=False, num_workers=self.hparams.num_workers,
-                          collate_fn=list_data_collate)

@@ -148,11 +148,6 @@ class Stage1Module(pl.LightningModule):
                               caption=[uid for *_, uid in self._overlays],
                               step=self.global_step)
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, list]:
-        """Raw argmax classes per study (cleaning and writing: ``Stage1PredictionWriter``)."""
-        labels = self.predict_probs(batch["image"]).argmax(dim=1).to(torch.uint8).cpu().numpy()
-        return {"path": list(batch["path"]), "labels": list(labels)}
-
     def configure_optimizers(self) -> dict[str, Any]:
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr,
                                 weight_decay=self.hparams.weight_decay)

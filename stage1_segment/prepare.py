@@ -142,21 +142,25 @@ def save_cached(path: str | os.PathLike, volume: Volume, split: str, image: np.n
 
 
 def prepare_study(uid: str, study_dir: str, mask_path: str | None, split: str, out: str,
-                  settings: GridSettings, lenient: bool = False) -> dict[str, Any]:
+                  settings: GridSettings, lenient: bool = False,
+                  volume_cache: str | None = None) -> dict[str, Any]:
     """Load one study, resample it (and its mask) to the model grid, write the cache file.
 
+    The decoded full-resolution volume is kept in ``volume_cache``
+    (:mod:`common.volume_cache`) so that ``make crops`` does not decode the series again.
     Never raises: a failure is returned as a QC row with ``status="failed"``, the reason code
     (``SeriesError.reason`` / ``GeometryError.reason`` where available) and the message.
     """
-    from common.dicom_io import load_series
     from common.nifti_io import align_mask
+    from common.volume_cache import load_study
 
     t0 = time.perf_counter()
     row: dict[str, Any] = {"study_uid": uid, "split": split, "status": "prepared", "reason": "",
                            "message": "", "has_mask": mask_path is not None}
     try:
-        volume = load_series(study_dir, lenient=lenient, workers=1)
-        row.update(src_shape="x".join(map(str, volume.shape)),
+        volume, source = load_study(study_dir, lenient=lenient, cache_dir=volume_cache,
+                                    keep=volume_cache is not None, workers=1)
+        row.update(volume=source, src_shape="x".join(map(str, volume.shape)),
                    spacing_mm="x".join(f"{s:.3f}" for s in volume.spacing),
                    load_status=volume.qc.get("status", ""))
         image, affine = resample_volume(volume, settings)
@@ -196,17 +200,22 @@ def list_studies(data_root: str | os.PathLike, splits: Iterable[str] = ("train",
 
 
 def prepare_studies(data_root: str | os.PathLike, work_dir: str | os.PathLike,
-                    settings: GridSettings, splits: Iterable[str] = ("train", "test"),
-                    masked_only: bool = False, jobs: int = 2, lenient: bool = False,
+                    settings: GridSettings, splits: Iterable[str] = ("train",),
+                    masked_only: bool = True, jobs: int = 2, lenient: bool = False,
                     progress: bool = True) -> pd.DataFrame:
     """Prepare the cache for every study of ``splits``; skip studies already cached.
+
+    Each study decoded here is also kept in the volume cache ``$WORK/cache/volumes``
+    (:mod:`common.volume_cache`), which ``make crops`` reads instead of decoding it again.
 
     Args:
         data_root: RSNA-layout folder.
         work_dir: ``$WORK``; files go to ``$WORK/stage1/cache/<key>/``.
         settings: the grid settings (the cache key).
         splits: ``"train"`` and/or ``"test"``.
-        masked_only: only train studies with a segmentation (what ``fit`` needs).
+        masked_only: only train studies with a segmentation (what ``fit`` needs; the
+            default: every other study goes straight through the engine in ``make crops`` /
+            ``make submit``).
         jobs: worker processes (1 = in this process).
         lenient: repair loadable defects instead of rejecting (recorded in the QC record).
         progress: show a tqdm bar.
@@ -216,7 +225,10 @@ def prepare_studies(data_root: str | os.PathLike, work_dir: str | os.PathLike,
         keeps the details of the run that prepared it), also written to
         ``$WORK/stage1/qc_prepare.csv``.
     """
+    from common.volume_cache import volume_cache_dir
+
     studies = list_studies(data_root, splits, masked_only)
+    volumes = os.fspath(volume_cache_dir(work_dir))
     folder = cache_dir(work_dir, settings)
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "settings.json", {**asdict(settings), "version": CACHE_VERSION})
@@ -230,7 +242,7 @@ def prepare_studies(data_root: str | os.PathLike, work_dir: str | os.PathLike,
                                               "has_mask": mask is not None}),
                          "status": "cached", "seconds": 0.0})
         else:
-            todo.append((uid, sdir, mask, split, str(out), settings, lenient))
+            todo.append((uid, sdir, mask, split, str(out), settings, lenient, volumes))
     bar = tqdm(total=len(todo), desc="stage1 prepare", unit="study", disable=not progress)
     if jobs <= 1 or len(todo) <= 1:
         for args in todo:
@@ -298,10 +310,13 @@ def tool_parser(prog: str, description: str, section: str) -> argparse.ArgumentP
 def build_parser() -> argparse.ArgumentParser:
     parser = tool_parser(
         "python -m stage1_segment.prepare",
-        "Resample every study (and its mask) onto the stage-1 model grid and cache it under "
-        "WORK/stage1/cache/<settings key>/; cached studies are skipped.", "data")
-    parser.add_argument("--splits", nargs="+", default=["train", "test"],
-                        choices=["train", "test"])
+        "Resample the segmented train studies (and their masks) onto the stage-1 model grid and "
+        "cache them under WORK/stage1/cache/<settings key>/ (the decoded volumes under "
+        "WORK/cache/volumes/); cached studies are skipped.", "data")
+    parser.add_argument("--splits", nargs="+", default=["train"], choices=["train", "test"])
+    parser.add_argument("--all-studies", action="store_true",
+                        help="also studies without a segmentation (default: only the segmented "
+                             "train studies that fit trains on)")
     parser.add_argument("--lenient", action="store_true",
                         help="repair loadable defects (gaps, tilt, duplicates) instead of failing")
     return parser
@@ -313,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = settings_from_config(data_cfg)
     t0 = time.perf_counter()
     qc = prepare_studies(args.data_root, args.work_dir, settings, splits=args.splits,
-                         jobs=args.jobs, lenient=args.lenient or bool(data_cfg.get("lenient")))
+                         masked_only=not args.all_studies, jobs=args.jobs, lenient=args.lenient or bool(data_cfg.get("lenient")))
     counts = qc["status"].value_counts().to_dict()
     print(f"stage1 prepare: {counts} in {time.perf_counter() - t0:.1f} s -> "
           f"{cache_dir(args.work_dir, settings)}")

@@ -1,8 +1,8 @@
 """One short, real training run on the ``tiny`` preset, shared by the end-to-end tests.
 
-``trained_run(tiny_data, tmp_path_factory)`` runs, in this process and through each stage's own
-entry point: stage-1 fit (W&B offline) → stage-1 predict → crops → stage-2 fit of folds 0
-(W&B offline) and 1 → evaluate. Every step takes a few training steps only; the models are not
+``trained_run(tiny_data, tmp_path_factory)`` runs, in this process and through each step's own
+entry point: stage-1 fit (W&B offline) → ``cspine crops`` (the engine's stage-1 part over the
+train studies) → stage-2 fit of folds 0 (W&B offline) and 1 → evaluate. Every step takes a few training steps only; the models are not
 meant to be good. The run is made once per test session (cached here, so that several test
 modules can use it) and its folder is returned.
 """
@@ -54,8 +54,8 @@ def trained_run(tiny_data: Path, tmp_path_factory) -> Path:
         return _RUNS[key]
     import torch
 
+    from cspine.cli import main as cspine_main
     from stage1_segment.cli import main as stage1_cli
-    from stage1_segment.crops import main as crops_main
     from stage2_classify.cli import cli_main as stage2_cli
     from stage2_classify.evaluate import evaluate
 
@@ -67,10 +67,8 @@ def trained_run(tiny_data: Path, tmp_path_factory) -> Path:
         stage1_cli(["fit", *STAGE1, *paths, "--trainer.max_epochs=1",
                     "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1"])
         _finish_wandb()
-        stage1_cli(["predict", *STAGE1, *paths, "--ckpt_path=best", "--trainer.logger=false",
-                    f"--trainer.default_root_dir={work / 'stage1'}"])
-        assert crops_main([*STAGE1, "--data-root", str(tiny_data), "--work-dir", str(work),
-                           "--jobs", "1"]) == 0
+        assert cspine_main(["crops", str(tiny_data), "--work", str(work), *STAGE1,
+                            "--jobs", "1"]) == 0
         for fold in (0, 1):
             fold_dir = work / "stage2" / f"fold{fold}"
             logger = (["--trainer.logger.init_args.save_dir", str(fold_dir),

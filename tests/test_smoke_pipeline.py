@@ -31,10 +31,11 @@ def test_make_smoke_runs_the_whole_chain_and_resumes(tmp_path):
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     out = first.stdout
     for step in ("synth", "check-data", "folds", "stage1-prepare", "stage1-fit",
-                 "stage1-predict", "crops", "stage2-fit", "evaluate", "submit", "report"):
+                 "crops", "stage2-fit", "evaluate", "submit", "report"):
         assert f"==> make {step} " in out, step
     assert "=== cspine run summary" in out and "stage 1 Dice (fold 0" in out
     assert "constant-prevalence baseline" in out and "total time:" in out
+    assert "DICOM decodes per study: 1 (" in out  # each study decoded once in the whole run
 
     sub = pd.read_csv(work / "submission.csv")
     expected = pd.read_csv(data / "sample_submission.csv")

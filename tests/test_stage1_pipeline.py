@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from stage1_segment.cli import main as cli_main
@@ -60,7 +61,7 @@ def test_fast_dev_run_of_shipped_config(config, tiny_data, tmp_path):
 
 def test_prepare_resumes_and_records_failures(tiny_data, tmp_path):
     settings = GridSettings(shape=(24, 24, 24))
-    qc = prepare_studies(tiny_data, tmp_path, settings, splits=("test",), jobs=1,
+    qc = prepare_studies(tiny_data, tmp_path, settings, splits=("test",), masked_only=False, jobs=1,
                          progress=False)
     assert (qc["status"] == "prepared").all() and len(qc) >= 2
     uids = qc["study_uid"].tolist()
@@ -72,7 +73,7 @@ def test_prepare_resumes_and_records_failures(tiny_data, tmp_path):
     lost.unlink()
     leftover = lost.parent / f".{lost.name}.abc123.tmp.npz"
     leftover.write_bytes(b"half-written")
-    qc2 = prepare_studies(tiny_data, tmp_path, settings, splits=("test",), jobs=1,
+    qc2 = prepare_studies(tiny_data, tmp_path, settings, splits=("test",), masked_only=False, jobs=1,
                           progress=False)
     status = dict(zip(qc2["study_uid"], qc2["status"]))
     assert status[uids[1]] == "prepared" and status[uids[0]] == "cached"
@@ -88,10 +89,10 @@ def test_prepare_resumes_and_records_failures(tiny_data, tmp_path):
     assert row["status"] == "failed" and row["reason"] and not (tmp_path / "bad.npz").exists()
 
 
-def test_prepare_fit_predict_crops_end_to_end(tiny_data, tmp_path):
+def test_prepare_fit_crops_end_to_end(tiny_data, tmp_path):
     from common.manifest import read_manifest
     from common.nifti_io import load_nifti
-    from stage1_segment.crops import main as crops_main
+    from cspine.cli import main as cspine_main
     from stage1_segment.inference import load_model, segment_volume
 
     base = ["-c", str(REPO / "configs/stage1/base.yaml"), "-c", str(SMOKE),
@@ -99,22 +100,23 @@ def test_prepare_fit_predict_crops_end_to_end(tiny_data, tmp_path):
     cli_main(["fit", *base, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2"])
     run = json.loads((tmp_path / "stage1" / "run.json").read_text())
     assert Path(run["best_checkpoint"]).is_file() and "val/dice_C1" in run["best_val"]
-    cli_main(["predict", *base, "--ckpt_path=best"])
-    pred = tmp_path / "stage1" / "predict"
-    qc = (pred / "qc_predict.csv").read_text().splitlines()
-    n_studies = len(qc) - 1
-    assert n_studies == 15 and all(",ok," in line for line in qc[1:])
-    uid = qc[1].split(",")[0]
-    mask, affine = load_nifti(pred / "masks" / f"{uid}.nii.gz")
-    cached = next((tmp_path / "stage1" / "cache").glob(f"*/{uid}.npz"))
-    assert mask.shape == load_cached(cached).image.shape
-    assert np.allclose(affine, load_cached(cached).affine, atol=1e-4)
+    # fit prepared (and decoded) only the segmented train studies; they are kept decoded
+    prepared = pd.read_csv(tmp_path / "stage1" / "qc_prepare.csv")
+    assert set(prepared["split"]) == {"train"} and prepared["has_mask"].all()
+    assert len(list((tmp_path / "cache" / "volumes").glob("*.npz"))) == len(prepared)
 
-    assert crops_main(["-c", str(REPO / "configs/stage1/base.yaml"), "-c", str(SMOKE),
-                       "--data-root", str(tiny_data), "--work-dir", str(tmp_path),
-                       "--jobs", "1"]) == 0
+    configs = ["-c", str(REPO / "configs/stage1/base.yaml"), "-c", str(SMOKE)]
+    assert cspine_main(["crops", str(tiny_data), "--work", str(tmp_path), *configs,
+                        "--jobs", "1"]) == 0
+    qc = pd.read_csv(tmp_path / "stage1" / "crops" / "qc_crops.csv")
+    n_train = len(pd.read_csv(tiny_data / "train.csv"))
+    assert len(qc) == n_train and (qc["status"] == "ok").all()
+    masked = qc["study_uid"].isin(prepared["study_uid"])
+    assert set(qc.loc[masked, "volume"]) == {"cache"}
+    assert set(qc.loc[~masked, "volume"]) <= {"decoded"}
+    assert qc.loc[masked, "dice_mean"].notna().all()  # scored against the cached ground truth
     manifest = read_manifest(tmp_path / "stage1" / "crops" / "vertebrae.csv")
-    assert len(manifest) == 7 * n_studies
+    assert len(manifest) == 7 * n_train
     assert set(manifest.groupby("study_uid").size()) == {7}
     present = manifest[manifest["present"]]
     absent = manifest[~manifest["present"]]
@@ -122,21 +124,26 @@ def test_prepare_fit_predict_crops_end_to_end(tiny_data, tmp_path):
     with np.load(present.iloc[0]["crop_path"]) as z:
         assert z["image"].dtype == np.int16 and z["mask"].dtype == np.uint8
         assert z["image"].shape == (16, 16, 12) and z["affine"].shape == (4, 4)
-    assert (manifest[manifest["split"] == "test"]["fold"] == -1).all()
-    assert (manifest[manifest["split"] == "train"]["fold"] >= 0).all()
+    assert (manifest["fold"] >= 0).all()
+    # a second run finds every study current and decodes nothing
+    assert cspine_main(["crops", str(tiny_data), "--work", str(tmp_path), *configs,
+                        "--jobs", "1"]) == 0
+    again = pd.read_csv(tmp_path / "stage1" / "crops" / "qc_crops.csv")
+    assert set(again["volume"]) == {"done"}
+    assert read_manifest(tmp_path / "stage1" / "crops" / "vertebrae.csv").equals(manifest)
 
-    # single-study API used by `cspine predict`: mask on the CT's own grid
+    # the engine's mask in the CT geometry, and the single-study API of `cspine export-mask`
     from common.dicom_io import load_series
 
+    uid = manifest.iloc[-1]["study_uid"]
     model = load_model(run["best_checkpoint"])
-    volume = load_series(tiny_data / "test_images" / manifest.iloc[-1]["study_uid"])
+    volume = load_series(tiny_data / "train_images" / uid)
     full = segment_volume(model, volume)
     assert full.shape == volume.shape and full.dtype == np.uint8
+    written, written_affine = load_nifti(tmp_path / "stage1" / "masks" / f"{uid}.nii.gz")
+    assert np.array_equal(written, full) and np.allclose(written_affine, volume.affine, atol=1e-4)
 
-    # `cspine export-mask`: from the checkpoint, and from the predicted model-grid mask
-    from cspine.cli import main as cspine_main
-
-    study_dir = tiny_data / "test_images" / volume.study_uid
+    study_dir = tiny_data / "train_images" / uid
     out = tmp_path / "exported.nii.gz"
     assert cspine_main(["export-mask", str(study_dir), str(out), "--ckpt", "best",
                         "--work", str(tmp_path)]) == 0
@@ -144,6 +151,12 @@ def test_prepare_fit_predict_crops_end_to_end(tiny_data, tmp_path):
     assert exported.shape == volume.shape and np.allclose(exp_affine, volume.affine, atol=1e-4)
     assert np.array_equal(exported, full)
     assert cspine_main(["export-mask", str(study_dir), str(out), "--mask",
-                        str(pred / "masks" / f"{volume.study_uid}.nii.gz")]) == 0
+                        str(tmp_path / "stage1" / "masks" / f"{uid}.nii.gz")]) == 0
     assert np.array_equal(load_nifti(out)[0], full)
     assert cspine_main(["export-mask", str(tmp_path), str(out), "--mask", str(out)]) == 2
+
+
+def test_no_predict_subcommand(capsys):
+    """Stage-1 prediction runs only through the engine (make crops / submit / cspine predict)."""
+    with pytest.raises(SystemExit):
+        cli_main(["predict", "--help"])

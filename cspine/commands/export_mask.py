@@ -15,7 +15,7 @@ DESCRIPTION = (
     "RAS affine, so it opens aligned over the CT in ITK-SNAP or 3D Slicer. The mask is either "
     "predicted now from a stage-1 checkpoint (--ckpt; 'best'/'last' look in "
     "--work/stage1/checkpoints) or mapped from a mask already predicted on the model grid "
-    "(--mask, e.g. WORK/stage1/predict/masks/<UID>.nii.gz). Exit status 2 on bad input.")
+    "(--mask, e.g. a mask NIfTI on the model grid or another study grid). Exit status 2 on bad input.")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,15 +43,11 @@ def run(args: argparse.Namespace) -> int:
             from common import geometry
 
             labels, affine = load_nifti(args.mask)
-            labels = labels.astype("uint8")
-            mask = geometry.resample_labels_axis_aligned(labels, affine, volume.affine,
-                                                         volume.shape)
-            if mask is None:
-                mask, _ = geometry.map_labels_to_grid(labels, affine, volume.affine,
-                                                      volume.shape)
+            mask, _ = geometry.labels_to_grid(labels.astype("uint8"), affine, volume.affine,
+                                              volume.shape)
         else:
             from stage1_segment.inference import load_model, segment_volume
-            from stage1_segment.predict import resolve_checkpoint
+            from stage1_segment.runs import resolve_checkpoint
 
             ckpt = resolve_checkpoint(args.ckpt, args.work / "stage1" / "checkpoints")
             mask = segment_volume(load_model(ckpt, map_location=args.device), volume)

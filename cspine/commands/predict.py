@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stage-1 checkpoint (overrides the one from --work/--bundle)")
     parser.add_argument("--stage2-ckpt", type=Path, action="append", default=None,
                         help="stage-2 checkpoint; repeat for several folds (overrides --work)")
+    parser.add_argument("--rule", default=None, choices=("noisy_or", "max", "stacker"),
+                        help="patient_overall rule (default: the one make evaluate recorded in "
+                             "WORK/metrics.json, or the bundle's)")
     parser.add_argument("--threshold", type=float, default=0.5,
                         help="flag vertebrae with probability >= this in the overview")
     parser.add_argument("--lenient", action="store_true",
@@ -50,11 +53,14 @@ def _spec(args: argparse.Namespace):
 
     if args.bundle is not None:
         spec = models_from_bundle(args.bundle)
+        if args.rule:
+            spec.rule = args.rule
+            spec.__post_init__()
     elif args.stage1_ckpt is not None and args.stage2_ckpt and args.work is None:
         spec = ModelSpec(stage1=args.stage1_ckpt, stage2=list(args.stage2_ckpt),
-                         source="command line")
+                         rule=args.rule or ModelSpec.rule, source="command line")
     else:
-        spec = models_from_work(args.work or Path("work/demo"))
+        spec = models_from_work(args.work or Path("work/demo"), rule=args.rule)
     if args.stage1_ckpt is not None:
         spec.stage1 = args.stage1_ckpt
     if args.stage2_ckpt:
@@ -70,7 +76,8 @@ def _spec(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     import warnings
 
-    from cspine.predict import PredictError, Predictor, format_result, load_input, predict_study
+    from cspine.engine import StudyEngine
+    from cspine.predict import PredictError, format_result, load_input, predict_study
 
     t0 = time.perf_counter()
     try:
@@ -82,9 +89,10 @@ def run(args: argparse.Namespace) -> int:
             torch.set_num_threads(args.threads)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`.*")
-            predictor = Predictor(_spec(args), device=args.device)
-        doc = predict_study(args.study, args.out, predictor, threshold=args.threshold,
-                            lenient=args.lenient, volume=volume)
+            spec = _spec(args)
+            engine = StudyEngine.from_spec(spec, device=args.device)
+        doc = predict_study(args.study, args.out, engine, threshold=args.threshold,
+                            lenient=args.lenient, volume=volume, spec=spec)
     except PredictError as err:
         print(f"cspine predict: error: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,194 @@
+"""The one test-time engine: a loaded CT → stage-1 labels → boxes → crops → stage-2 probabilities.
+
+Every study goes through :class:`StudyEngine`, whoever asks::
+
+    cspine predict STUDY ──────────────┐
+    make submit   (cspine submit) ─────┼─> StudyEngine.run(volume) ─> StudyResult
+    make crops    (cspine crops)  ─────┘   (stage-1 part only: score=False)
+
+1. stage 1 (:func:`stage1_segment.inference.segment_to_grid`): the in-memory volume resampled
+   onto the checkpoint's model grid, C1–C7 labels there (largest component per vertebra);
+2. boxes (:func:`stage1_segment.boxes.vertebra_boxes`): per vertebra, from the labels and the
+   float64 model-grid and CT affines held in memory (nothing goes through a file and back);
+3. crops (:func:`stage1_segment.crops.crops_from_boxes`) with the crop settings stage 2 was
+   trained with;
+4. stage 2 (:func:`stage2_classify.inference.score_crops`): fold models averaged, the
+   ``patient_overall`` rule and clip range of the run (:class:`cspine.models.ModelSpec`).
+
+The engine writes nothing; its callers write the per-study outputs (mask NIfTI in the CT
+geometry, crops, probabilities, QC rows) once. The batch form (:mod:`cspine.batch`) maps it
+over studies.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from common.geometry import Volume
+from common.labels import TARGETS, VERTEBRAE
+
+Crop = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+@dataclass
+class StudyResult:
+    """Everything the engine computed for one study.
+
+    Attributes:
+        study_uid: the volume's study UID.
+        grid_labels: uint8 (X', Y', Z') stage-1 classes on the model grid (0 background,
+            1..7 = C1..C7).
+        grid_affine: float64 (4, 4) model-grid voxel → RAS mm.
+        boxes: vertebra → box dict of :func:`stage1_segment.boxes.vertebra_box` (grid voxels,
+            RAS mm, inclusive source (column, row, sorted slice) indices, file numbers) or None.
+        crops: vertebra → (image int16 (X, Y, Z) HU, mask uint8 (X, Y, Z), affine float64
+            (4, 4) crop voxel → RAS mm) or None (absent / too small).
+        crop_status: vertebra → ``ok`` or why it has no crop.
+        probabilities: target (C1..C7, patient_overall) → probability; None when stage 2 was
+            not run (``score=False``).
+        rule: the ``patient_overall`` rule used (None without stage 2).
+        timing_s: seconds per step (``stage1``, ``boxes_crops``, ``stage2``).
+    """
+
+    study_uid: str
+    grid_labels: np.ndarray
+    grid_affine: np.ndarray
+    boxes: dict[str, dict[str, Any] | None]
+    crops: dict[str, Crop | None]
+    crop_status: dict[str, str]
+    probabilities: dict[str, float] | None = None
+    rule: str | None = None
+    timing_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def found(self) -> list[str]:
+        """Vertebrae with a crop."""
+        return [v for v in VERTEBRAE if self.crops.get(v) is not None]
+
+    def to_json(self, volume: Volume) -> dict[str, Any]:
+        """The JSON record of this result (``probabilities.json`` of ``cspine predict`` and of
+        ``make submit``'s per-study folders): probabilities, vertebrae found, boxes, crop
+        status, both grids' geometry, timings."""
+        return {
+            "study": self.study_uid,
+            "probabilities": {t: float(self.probabilities[t]) for t in TARGETS}
+            if self.probabilities is not None else None,
+            "patient_overall_rule": self.rule,
+            "vertebrae_found": self.found,
+            "vertebrae_missing": [v for v in VERTEBRAE if v not in self.found],
+            "crop_status": self.crop_status,
+            "boxes": self.boxes,
+            "grid": {"shape": list(self.grid_labels.shape),
+                     "affine": np.asarray(self.grid_affine).tolist()},
+            "ct": {"shape": list(volume.shape), "affine": np.asarray(volume.affine).tolist()},
+            "timing_s": {k: round(v, 3) for k, v in self.timing_s.items()},
+        }
+
+
+class StudyEngine:
+    """Loaded models and settings, applied to one in-memory study at a time.
+
+    Args:
+        stage1: a loaded :class:`stage1_segment.module.Stage1Module` (eval mode, on its device).
+        crop_config: :class:`stage1_segment.crops.CropConfig` stage 2 was trained with.
+        stage2: loaded fold models (:func:`stage2_classify.inference.load_models`); None for
+            the stage-1 part only.
+        rule: ``patient_overall`` rule (``max``, ``noisy_or``, ``stacker``).
+        stacker: fitted :class:`stage2_classify.aggregate.Stacker` (rule ``stacker``).
+        clip: final probability range.
+        tta_flip: override of the stage-2 models' flip setting (None: as trained).
+    """
+
+    def __init__(self, stage1, crop_config, stage2: Sequence | None = None,
+                 rule: str = "max", stacker=None, clip: tuple[float, float] = (1e-3, 1 - 1e-3),
+                 tta_flip: bool | None = None) -> None:
+        from stage2_classify.inference import ensemble_prior
+
+        self.stage1 = stage1
+        self.crop_config = crop_config
+        self.stage2 = list(stage2) if stage2 else []
+        self.rule = rule
+        self.stacker = stacker
+        self.clip = tuple(float(c) for c in clip)
+        self.tta_flip = tta_flip
+        self.prior = ensemble_prior(self.stage2) if self.stage2 else None
+        self.load_seconds = 0.0
+
+    @classmethod
+    def from_spec(cls, spec, device: str = "cpu", stage2: bool = True,
+                  tta_flip: bool | None = None) -> "StudyEngine":
+        """Load the models a :class:`cspine.models.ModelSpec` names onto ``device``.
+
+        Raises:
+            PredictError: a checkpoint that cannot be loaded (one line naming the source).
+        """
+        import warnings
+
+        from cspine.models import PredictError, one_line
+        from stage1_segment.crops import crop_config
+        from stage1_segment.inference import load_model
+        from stage2_classify.aggregate import Stacker
+        from stage2_classify.inference import load_models
+
+        t0 = time.perf_counter()
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`.*")
+                model1 = load_model(spec.stage1, map_location=device)
+                models2 = load_models(spec.stage2, map_location=device) if stage2 else None
+            stacker = Stacker.load(spec.stacker) if stage2 and spec.stacker else None
+        except (OSError, KeyError, RuntimeError, ValueError) as exc:
+            raise PredictError(one_line(f"cannot load the models from {spec.source}: {exc}")
+                               ) from None
+        engine = cls(model1, crop_config(spec.crops), models2, rule=spec.rule, stacker=stacker,
+                     clip=spec.clip, tta_flip=tta_flip)
+        engine.load_seconds = time.perf_counter() - t0
+        return engine
+
+    @property
+    def device(self) -> str:
+        """The device the stage-1 network is on (``cpu``, ``cuda:0``)."""
+        return str(next(self.stage1.parameters()).device)
+
+    def run(self, volume: Volume, score: bool = True) -> StudyResult:
+        """The engine on one loaded volume (module docstring, steps 1–4).
+
+        Args:
+            volume: the full-resolution CT (int16 HU (X, Y, Z), float64 affine).
+            score: run stage 2 and the aggregation (False: stage 1, boxes and crops only).
+        """
+        from stage1_segment.boxes import vertebra_boxes
+        from stage1_segment.crops import crops_from_boxes
+        from stage1_segment.inference import segment_to_grid
+
+        timing: dict[str, float] = {}
+        t0 = time.perf_counter()
+        labels, grid_affine = segment_to_grid(self.stage1, volume)
+        timing["stage1"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        boxes = vertebra_boxes(labels, grid_affine, volume.affine, volume.shape,
+                               volume.file_numbers)
+        crops, status = crops_from_boxes(volume, labels, grid_affine, boxes, self.crop_config)
+        timing["crops"] = time.perf_counter() - t0
+        result = StudyResult(study_uid=volume.study_uid, grid_labels=labels,
+                             grid_affine=grid_affine, boxes=boxes, crops=crops,
+                             crop_status=status, timing_s=timing)
+        if score:
+            t0 = time.perf_counter()
+            result.probabilities = self.score(crops)
+            result.rule = self.rule
+            timing["stage2"] = time.perf_counter() - t0
+        return result
+
+    def score(self, crops: dict[str, Crop | None]) -> dict[str, float]:
+        """Stage 2 + aggregation of one study's crops → the 8 probabilities (TARGETS)."""
+        from stage2_classify.inference import score_crops
+
+        if not self.stage2:
+            raise ValueError("this engine was loaded without stage-2 models")
+        return score_crops(self.stage2, crops, rule=self.rule, stacker=self.stacker,
+                           clip=self.clip, tta_flip=self.tta_flip, prior=self.prior)

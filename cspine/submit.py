@@ -1,0 +1,171 @@
+"""``make submit``: the whole test-time engine over the test studies → ``submission.csv``.
+
+Each test study (the studies of ``test.csv`` / ``sample_submission.csv``, folders under
+``test_images/``) is decoded once and run through :class:`cspine.engine.StudyEngine` — the same
+code and settings as ``cspine predict`` (stage 1, boxes and crops from the in-memory volume and
+float64 affines, stage 2 with the fold models, the rule and clip range ``make evaluate``
+recorded unless ``--rule`` / ``--clip`` override them).
+
+Outputs:
+
+* ``$WORK/predict/<UID>/``: ``probabilities.json`` (the eight probabilities, vertebrae found,
+  boxes, crop status, timings, the models' key), ``vertebrae_mask.nii.gz`` (uint8 C1–C7 on the
+  study's own DICOM grid and affine) and ``crops/<C#>.npz`` (the stage-2 inputs); a study whose
+  ``probabilities.json`` has the current models' key is not run again;
+* ``$WORK/submission.csv``: exactly the rows ``test.csv`` (else ``sample_submission.csv``) lists,
+  in its order, whatever subset of the eight types it asks for; a study that could not be run
+  (no images, unreadable series) gets the models' prior and is flagged;
+* ``$WORK/stage2/submit_qc.csv`` (one row per test study: status, crops used, ``volume`` =
+  decoded / done, seconds) and ``$WORK/stage2/submit_timing.json``.
+
+``--shard i/N`` (or ``auto`` under Slurm arrays / torchrun) runs one share of the studies and
+writes only their folders; a run without ``--shard`` then merges them into the submission.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cspine.batch import StudyTask, run_batch, select_shard
+from common.labels import TARGETS, VERTEBRAE
+
+
+def test_tasks(data_root: Path) -> tuple[list[str], list[StudyTask]]:
+    """(the expected row_ids in order, one task per study in first-appearance order)."""
+    from common.dataset import RSNADataset
+
+    ds = RSNADataset(data_root)
+    rows = ds.expected_submission_rows()
+    uids = list(dict.fromkeys(r.split("_", 1)[0] for r in rows))
+    tasks = []
+    for uid in uids:
+        folder = ds.test_dir / uid
+        tasks.append(StudyTask(uid, "test", str(folder) if folder.is_dir() else ""))
+    return rows, tasks
+
+
+def models_key(spec) -> str:
+    """Id of everything that decides a study's probabilities: checkpoints, crops, rule, clip."""
+    import hashlib
+
+    from stage1_segment.runs import run_id
+
+    parts = [run_id(spec.stage1), *[run_id(p) for p in spec.stage2], spec.rule,
+             json.dumps([float(c) for c in spec.clip]), json.dumps(spec.crops, sort_keys=True)]
+    if spec.stacker:
+        parts.append(hashlib.sha1(Path(spec.stacker).read_bytes()).hexdigest())
+    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
+
+
+def study_status(found: int, fields: dict[str, Any] | None = None) -> str:
+    """QC status of one test study: ok, partial (some vertebrae on the prior) or prior."""
+    if fields is not None:
+        return f"prior:{fields.get('reason')}"
+    if found == 0:
+        return "prior:no_vertebra_found"
+    return "ok" if found == len(VERTEBRAE) else f"partial:{len(VERTEBRAE) - found}_vertebrae_prior"
+
+
+def submit(work: str | os.PathLike, data_root: str | os.PathLike, rule: str | None = None,
+           clip: tuple[float, float] | None = None, out: str | os.PathLike | None = None,
+           jobs: int = 2, shard: tuple[int, int] | None = None, device: str = "cpu",
+           tta_flip: bool | None = None, progress: bool = True):
+    """Run the engine over the test studies and write the submission (module docstring).
+
+    Returns:
+        the submission frame (``row_id, fractured``), or None for a shard.
+    """
+    import pandas as pd
+
+    from common import geometry
+    from common.atomic import save_npz, write_csv, write_json
+    from common.nifti_io import save_nifti
+    from cspine.engine import StudyEngine
+    from cspine.models import models_from_work
+
+    work, data_root = Path(work), Path(data_root)
+    out = Path(out) if out else work / "submission.csv"
+    spec = models_from_work(work, rule=rule, clip=clip)
+    engine = StudyEngine.from_spec(spec, device=device, tta_flip=tta_flip)
+    key = models_key(spec)
+    row_ids, tasks = test_tasks(data_root)
+    mine = select_shard(tasks, shard)
+    predict_dir = work / "predict"
+    probs: dict[str, dict[str, float]] = {}
+
+    def current(task: StudyTask) -> dict[str, Any] | None:
+        path = predict_dir / task.uid / "probabilities.json"
+        if not path.is_file():
+            return None
+        doc = json.loads(path.read_text())
+        if doc.get("models_key") != key or doc.get("probabilities") is None:
+            return None
+        probs[task.uid] = doc["probabilities"]
+        return doc["qc"]
+
+    def process(task: StudyTask, volume) -> dict[str, Any]:
+        result = engine.run(volume)
+        folder = predict_dir / task.uid
+        for name, crop in result.crops.items():
+            if crop is not None:
+                save_npz(folder / "crops" / f"{name}.npz", image=crop[0], mask=crop[1],
+                         affine=crop[2])
+        mask, _ = geometry.labels_to_grid(result.grid_labels, result.grid_affine,
+                                          volume.affine, volume.shape)
+        save_nifti(folder / "vertebrae_mask.nii.gz", mask, volume.affine)
+        qc = {"StudyInstanceUID": task.uid, "status": study_status(len(result.found)),
+              "crops_used": len(result.found),
+              **{f"{k}_s": round(v, 3) for k, v in result.timing_s.items()}}
+        doc = {**result.to_json(volume), "models_key": key, "qc": qc,
+               "input_qc": {k: volume.qc.get(k) for k in ("status", "reasons", "repairs",
+                                                          "warnings") if k in volume.qc}}
+        write_json(folder / "probabilities.json", doc)  # last: its presence means complete
+        probs[task.uid] = doc["probabilities"]
+        return qc
+
+    def on_failure(task: StudyTask, fields: dict[str, Any]) -> dict[str, Any]:
+        probs[task.uid] = engine.score({})  # the prior, aggregated and clipped like any study
+        return {"StudyInstanceUID": task.uid, "status": study_status(0, fields), "crops_used": 0,
+                "errors": f"{fields.get('reason')}: {fields.get('message')}"}
+
+    t0 = time.perf_counter()
+    qc = run_batch(mine, process, current, on_failure, jobs=jobs, desc="submit",
+                   progress=progress)
+    if shard is not None:
+        print(f"submit shard {shard[0]}/{shard[1]}: {len(mine)} test studies in "
+              f"{time.perf_counter() - t0:.1f} s -> {predict_dir}; run without --shard to "
+              f"write {out}")
+        return None
+    values = []
+    for row_id in row_ids:
+        uid, target = row_id.split("_", 1)
+        if target not in TARGETS:
+            raise ValueError(f"{data_root}: row_id {row_id!r} asks for an unknown type "
+                             f"{target!r}; expected one of {', '.join(TARGETS)}")
+        values.append(float(probs[uid][target]))
+    sub = pd.DataFrame({"row_id": row_ids, "fractured": values})
+    write_csv(out, sub)
+    qc_frame = pd.DataFrame(qc)
+    write_csv(work / "stage2" / "submit_qc.csv", qc_frame)
+    ran = qc_frame[qc_frame["volume"] != "done"] if len(qc_frame) else qc_frame
+    secs = ran["seconds"].to_numpy(float) if len(ran) else np.zeros(0)
+    write_json(work / "stage2" / "submit_timing.json", {
+        "studies": len(tasks), "models": len(engine.stage2), "rule": spec.rule,
+        "clip": list(spec.clip), "device": engine.device,
+        "studies_run": int(len(secs)),
+        "seconds_per_study_mean": float(secs.mean()) if len(secs) else 0.0,
+        "seconds_per_study_median": float(np.median(secs)) if len(secs) else 0.0,
+        "volumes": qc_frame["volume"].value_counts().to_dict() if len(qc_frame) else {},
+        "studies_on_prior": int(qc_frame["status"].str.startswith("prior").sum())
+        if len(qc_frame) else 0})
+    flagged = qc_frame[qc_frame["status"] != "ok"] if len(qc_frame) else qc_frame
+    print(f"wrote {out}: {len(sub)} rows, {len(tasks)} studies, {len(engine.stage2)} fold "
+          f"models, rule={spec.rule}; {len(flagged)} studies flagged in "
+          f"{work / 'stage2' / 'submit_qc.csv'} ({time.perf_counter() - t0:.1f} s)")
+    return sub
