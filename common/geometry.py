@@ -377,18 +377,19 @@ def map_labels_to_grid(labels: np.ndarray, src_affine: np.ndarray, dst_affine: n
     return out, "nearest"
 
 
-def reorient(array: np.ndarray, affine: np.ndarray, axcodes: str
+def reorient(array: np.ndarray, affine: np.ndarray, axcodes: str, contiguous: bool = True
              ) -> tuple[np.ndarray, np.ndarray]:
     """Reorder/flip array axes so they point along ``axcodes`` (e.g. ``"LAS"``), fixing the affine.
 
     Pure index permutation (no interpolation); the world positions of all voxels are unchanged.
+    ``contiguous=False`` returns a view (no copy: for reading a few slices of a large volume).
     """
     cur = nio.io_orientation(affine)
     tgt = nio.axcodes2ornt(tuple(axcodes))
     tr = nio.ornt_transform(cur, tgt)
     out = nio.apply_orientation(array, tr)
     new_affine = affine @ nio.inv_ornt_aff(tr, array.shape)
-    return np.ascontiguousarray(out), new_affine
+    return (np.ascontiguousarray(out) if contiguous else out), new_affine
 
 
 def axcodes(affine: np.ndarray) -> str:
@@ -601,3 +602,43 @@ def labels_to_grid(labels: np.ndarray, src_affine: np.ndarray, dst_affine: np.nd
         return out.astype(np.uint8, copy=False), "axis_aligned"
     out, method = map_labels_to_grid(labels, src_affine, dst_affine, dst_shape)
     return out.astype(np.uint8, copy=False), method
+
+
+def resample_to_grid_torch(array, src_affine: np.ndarray, dst_affine: np.ndarray,
+                           dst_shape: Sequence[int], cval: float = 0.0):
+    """Linear resampling on a torch device: :func:`resample_to_grid` with ``order=1``.
+
+    The same coordinates and edge rule as SciPy's ``mode="constant"`` (a point outside
+    [0, n - 1] on any axis gets ``cval``; inside, trilinear interpolation), computed by
+    ``torch.nn.functional.grid_sample`` in float32 where ``array`` lives (e.g. a GPU), so the
+    volume crosses to the device once and only the small output comes back.
+
+    Args:
+        array: torch tensor (X, Y, Z), any real dtype, on the device to compute on.
+        src_affine, dst_affine: float64 (4, 4) voxel → RAS mm of the source and output grids.
+        dst_shape: output (X, Y, Z).
+        cval: value outside the source.
+
+    Returns:
+        float32 torch tensor ``dst_shape`` on ``array``'s device.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    m = np.linalg.inv(src_affine) @ dst_affine
+    shape = [int(s) for s in dst_shape]
+    device = array.device
+    axes = [torch.arange(n, dtype=torch.float64, device=device) for n in shape]
+    ii, jj, kk = torch.meshgrid(*axes, indexing="ij")
+    mt = torch.as_tensor(m, dtype=torch.float64, device=device)
+    coords = [mt[a, 0] * ii + mt[a, 1] * jj + mt[a, 2] * kk + mt[a, 3] for a in range(3)]
+    n = array.shape
+    inside = torch.ones(shape, dtype=torch.bool, device=device)
+    norm = []
+    for a in range(3):  # align_corners=True: -1 is index 0, +1 is index n - 1
+        inside &= (coords[a] >= 0) & (coords[a] <= n[a] - 1)
+        norm.append((2.0 * coords[a] / max(n[a] - 1, 1) - 1.0).to(torch.float32))
+    grid = torch.stack([norm[2], norm[1], norm[0]], dim=-1)[None]  # (1, X', Y', Z', [z, y, x])
+    src = (array.to(torch.float32) - float(cval))[None, None]       # zeros padding = cval
+    out = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    return torch.where(inside, out[0, 0] + float(cval), torch.full_like(out[0, 0], float(cval)))

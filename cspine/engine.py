@@ -101,11 +101,13 @@ class StudyEngine:
         stacker: fitted :class:`stage2_classify.aggregate.Stacker` (rule ``stacker``).
         clip: final probability range.
         tta_flip: override of the stage-2 models' flip setting (None: as trained).
+        resample_on_device: resample the model grid and the crops with torch on the networks'
+            device (the volume crosses once) instead of SciPy on the CPU; None: on a GPU.
     """
 
     def __init__(self, stage1, crop_config, stage2: Sequence | None = None,
                  rule: str = "max", stacker=None, clip: tuple[float, float] = (1e-3, 1 - 1e-3),
-                 tta_flip: bool | None = None) -> None:
+                 tta_flip: bool | None = None, resample_on_device: bool | None = None) -> None:
         from stage2_classify.inference import ensemble_prior
 
         self.stage1 = stage1
@@ -116,6 +118,7 @@ class StudyEngine:
         self.clip = tuple(float(c) for c in clip)
         self.tta_flip = tta_flip
         self.prior = ensemble_prior(self.stage2) if self.stage2 else None
+        self.resample_on_device = resample_on_device
         self.load_seconds = 0.0
 
     @classmethod
@@ -136,10 +139,13 @@ class StudyEngine:
 
         t0 = time.perf_counter()
         try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`.*")
-                model1 = load_model(spec.stage1, map_location=device)
-                models2 = load_models(spec.stage2, map_location=device) if stage2 else None
+            if spec.runtime == "onnx":
+                model1, models2 = _onnx_models(spec, device, stage2)
+            else:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`.*")
+                    model1 = load_model(spec.stage1, map_location=device)
+                    models2 = load_models(spec.stage2, map_location=device) if stage2 else None
             stacker = Stacker.load(spec.stacker) if stage2 and spec.stacker else None
         except (OSError, KeyError, RuntimeError, ValueError) as exc:
             raise PredictError(one_line(f"cannot load the models from {spec.source}: {exc}")
@@ -148,6 +154,13 @@ class StudyEngine:
                      clip=spec.clip, tta_flip=tta_flip)
         engine.load_seconds = time.perf_counter() - t0
         return engine
+
+    @property
+    def differentiable(self) -> bool:
+        """Whether the stage-2 models are torch modules (saliency needs gradients)."""
+        import torch
+
+        return bool(self.stage2) and isinstance(self.stage2[0], torch.nn.Module)
 
     @property
     def device(self) -> str:
@@ -167,12 +180,14 @@ class StudyEngine:
 
         timing: dict[str, float] = {}
         t0 = time.perf_counter()
-        labels, grid_affine = segment_to_grid(self.stage1, volume)
+        hu_device = self._on_device(volume)
+        labels, grid_affine = segment_to_grid(self.stage1, volume, hu_device=hu_device)
         timing["stage1"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         boxes = vertebra_boxes(labels, grid_affine, volume.affine, volume.shape,
                                volume.file_numbers)
-        crops, status = crops_from_boxes(volume, labels, grid_affine, boxes, self.crop_config)
+        crops, status = crops_from_boxes(volume, labels, grid_affine, boxes, self.crop_config,
+                                         hu_device)
         timing["crops"] = time.perf_counter() - t0
         result = StudyResult(study_uid=volume.study_uid, grid_labels=labels,
                              grid_affine=grid_affine, boxes=boxes, crops=crops,
@@ -184,6 +199,18 @@ class StudyEngine:
             timing["stage2"] = time.perf_counter() - t0
         return result
 
+    def _on_device(self, volume: Volume):
+        """``volume.hu`` on the networks' device when resampling there, else None."""
+        import torch
+
+        device = self.device
+        on = self.resample_on_device
+        if on is None:
+            on = device.startswith("cuda")
+        if not on:
+            return None
+        return torch.from_numpy(volume.hu).to(device)  # int16: half the bytes of float32
+
     def score(self, crops: dict[str, Crop | None]) -> dict[str, float]:
         """Stage 2 + aggregation of one study's crops → the 8 probabilities (TARGETS)."""
         from stage2_classify.inference import score_crops
@@ -192,3 +219,17 @@ class StudyEngine:
             raise ValueError("this engine was loaded without stage-2 models")
         return score_crops(self.stage2, crops, rule=self.rule, stacker=self.stacker,
                            clip=self.clip, tta_flip=self.tta_flip, prior=self.prior)
+
+
+def _onnx_models(spec, device: str, stage2: bool):
+    """The ONNX Runtime adapters of an ONNX bundle (:mod:`cspine.onnx_models`)."""
+    from cspine.onnx_models import OnnxStage1, OnnxStage2
+
+    if not spec.onnx:
+        raise ValueError(f"{spec.source}: bundle.json has runtime onnx but no onnx settings")
+    model1 = OnnxStage1(spec.stage1, spec.onnx["stage1"], device)
+    models2 = [OnnxStage2(p, s, device) for p, s in zip(spec.stage2, spec.onnx["stage2"])] \
+        if stage2 else None
+    if models2 and any(m.preprocess.to_dict() != models2[0].preprocess.to_dict() for m in models2):
+        raise ValueError(f"{spec.source}: the stage-2 models' preprocessing differs")
+    return model1, models2

@@ -39,6 +39,8 @@ class ModelSpec:
         clip: final probability range (from a WORK folder: the one ``make evaluate`` recorded).
         stacker: ``stacker.json`` fitted by ``make evaluate`` (None: not used).
         source: the WORK folder or bundle the spec was read from.
+        runtime: ``torch`` (checkpoints) or ``onnx`` (an ONNX bundle, :mod:`cspine.onnx_models`).
+        onnx: the ONNX networks' settings from ``bundle.json`` (``runtime == "onnx"``).
     """
 
     stage1: Path
@@ -48,6 +50,8 @@ class ModelSpec:
     clip: tuple[float, float] = DEFAULT_CLIP
     stacker: Path | None = None
     source: str = ""
+    runtime: str = "torch"
+    onnx: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.rule == "stacker" and self.stacker is None:  # no fitted stacker to apply
@@ -149,4 +153,5 @@ def models_from_bundle(bundle: str | os.PathLike) -> ModelSpec:
                      crops=meta.get("crops", {}), rule=meta.get("rule", DEFAULT_RULE),
                      clip=tuple(meta.get("clip", DEFAULT_CLIP)),
                      stacker=bundle / meta["stacker"] if meta.get("stacker") else None,
-                     source=str(bundle))
+                     source=str(bundle), runtime=meta.get("runtime", "torch"),
+                     onnx=meta.get("onnx"))

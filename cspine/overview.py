@@ -69,14 +69,21 @@ def render_overview(path: str | os.PathLike, volume: Volume, grid_mask: np.ndarr
 
     from common.atomic import atomic_path
 
-    hu, affine = geometry.reorient(volume.hu, volume.affine, "LPS")
-    mask, _ = geometry.labels_to_grid(grid_mask, grid_affine, affine, hu.shape)
+    # a view (no copy of the volume): only the drawn slices are read
+    hu, affine = geometry.reorient(volume.hu, volume.affine, "LPS", contiguous=False)
     sx, sy, sz = geometry.spacing_of(affine)
     nx, ny, nz = hu.shape
-    present = [v for i, v in enumerate(VERTEBRAE, start=1) if (mask == i).any()]
+    # positions come from the model-grid labels (small); only the drawn planes are mapped onto
+    # the CT, by the same map-back as the full mask (common.geometry.labels_to_grid)
+    centre = _centres(grid_mask, grid_affine, affine)
+    present = [v for v in VERTEBRAE if v in centre]
     flagged = [v for v in present if probs.get(v, 0.0) >= threshold]
-    spine = np.argwhere((mask > 0) & (mask <= len(VERTEBRAE)))
-    x_mid = int(np.median(spine[:, 0])) if len(spine) else nx // 2
+    spine = np.argwhere((grid_mask > 0) & (grid_mask <= len(VERTEBRAE)))
+    if len(spine):
+        world = geometry.voxel_to_world(grid_affine, np.median(spine, axis=0)[None])
+        x_mid = int(np.clip(round(geometry.world_to_voxel(affine, world)[0, 0]), 0, nx - 1))
+    else:
+        x_mid = nx // 2
 
     n_ax = len(flagged)
     cols = min(3, n_ax)
@@ -85,13 +92,10 @@ def render_overview(path: str | os.PathLike, volume: Volume, grid_mask: np.ndarr
     grid = fig.add_gridspec(rows, 1 + cols, width_ratios=[1.6] + [1.0] * cols)
     ax = fig.add_subplot(grid[:, 0])
     # sagittal plane at x = x_mid: rows = Z (superior up), columns = Y (anterior left).
-    sag = _tint(_window(hu[x_mid]).T, mask[x_mid].T)
+    sag = _tint(_window(hu[x_mid]).T, _plane(grid_mask, grid_affine, affine, hu.shape, 0,
+                                              x_mid).T)
     ax.imshow(sag, origin="lower", extent=(0, ny * sy, 0, nz * sz), interpolation="nearest")
-    centres = {}
-    for i, v in enumerate(VERTEBRAE, start=1):
-        pts = np.argwhere(mask == i)
-        if len(pts):
-            centres[v] = (pts[:, 1].mean() * sy, pts[:, 2].mean() * sz)
+    centres = {v: (c[1] * sy, c[2] * sz) for v, c in centre.items()}
     for v, (y, z), z_text in zip(centres, centres.values(),
                                  _spread([c[1] for c in centres.values()], nz * sz * 0.055)):
         hot = v in flagged
@@ -112,8 +116,7 @@ def render_overview(path: str | os.PathLike, volume: Volume, grid_mask: np.ndarr
     for n, v in enumerate(flagged):
         ax = fig.add_subplot(grid[n // 3, 1 + n % 3])
         i = VERTEBRAE.index(v) + 1
-        pts = np.argwhere(mask == i)
-        z, how = int(round(pts[:, 2].mean())), "centre"
+        z, how = int(np.clip(round(centre[v][2]), 0, nz - 1)), "centre"
         if axial_points and v in axial_points:
             ijk = geometry.world_to_voxel(affine, np.asarray(axial_points[v])[None])[0]
             if 0 <= round(ijk[2]) < nz:
@@ -122,7 +125,8 @@ def render_overview(path: str | os.PathLike, volume: Volume, grid_mask: np.ndarr
         ax.imshow(_window(hu[:, :, z]).T, cmap="gray", origin="upper",
                   extent=(0, nx * sx, ny * sy, 0), interpolation="nearest")
         ax.contour(np.arange(nx) * sx + sx / 2, np.arange(ny) * sy + sy / 2,
-                   (mask[:, :, z] == i).T.astype(float), levels=[0.5], colors=["#d62728"],
+                   (_plane(grid_mask, grid_affine, affine, hu.shape, 2, z) == i).T.astype(float),
+                   levels=[0.5], colors=["#d62728"],
                    linewidths=1.2)
         ax.set_title(f"{v} p={probs[v]:.2f}, axial z={z} ({how})", fontsize=9)
         ax.set_axis_off()
@@ -132,8 +136,33 @@ def render_overview(path: str | os.PathLike, volume: Volume, grid_mask: np.ndarr
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
+        fig.savefig(tmp, dpi=110, pil_kwargs={"compress_level": 1})  # fast zlib level
     plt.close(fig)
+
+
+def _centres(grid_mask: np.ndarray, grid_affine: np.ndarray, affine: np.ndarray
+             ) -> dict[str, np.ndarray]:
+    """Centroid of each vertebra present on the model grid, in voxel coordinates of ``affine``."""
+    out = {}
+    for i, v in enumerate(VERTEBRAE, start=1):
+        pts = np.argwhere(grid_mask == i)
+        if len(pts):
+            world = geometry.voxel_to_world(grid_affine, pts.mean(axis=0)[None])
+            out[v] = geometry.world_to_voxel(affine, world)[0]
+    return out
+
+
+def _plane(grid_mask: np.ndarray, grid_affine: np.ndarray, affine: np.ndarray,
+           shape: tuple[int, ...], axis: int, index: int) -> np.ndarray:
+    """The model-grid labels on one plane (``axis`` = ``index``) of the CT grid of ``affine``;
+    a 2-D uint8 array of the other two axes."""
+    start = [0, 0, 0]
+    start[axis] = index
+    plane_shape = list(shape)
+    plane_shape[axis] = 1
+    labels, _ = geometry.labels_to_grid(grid_mask, grid_affine,
+                                        geometry.translate_affine(affine, start), plane_shape)
+    return np.take(labels, 0, axis=axis)
 
 
 def _spread(values: list[float], gap: float) -> list[float]:

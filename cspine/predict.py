@@ -147,7 +147,8 @@ def saliency_points(models, crops: dict[str, Any], vertebrae: list[str]
 
 def predict_study(study: str | os.PathLike, out_dir: str | os.PathLike, engine: StudyEngine,
                   threshold: float = DEFAULT_THRESHOLD, lenient: bool = False,
-                  volume=None, spec: ModelSpec | None = None) -> dict[str, Any]:
+                  volume=None, spec: ModelSpec | None = None,
+                  saliency: bool = False) -> dict[str, Any]:
     """Predict one study and write the outputs of the module docstring into ``out_dir``.
 
     Nothing is written under ``out_dir`` unless every output is complete: the files are made in
@@ -162,6 +163,8 @@ def predict_study(study: str | os.PathLike, out_dir: str | os.PathLike, engine: 
         lenient: lenient DICOM loading.
         volume: the study already loaded by :func:`load_input` (else it is loaded here).
         spec: the models' spec, recorded in ``probabilities.json``.
+        saliency: pick each flagged vertebra's axial slice by stage-2 input-gradient saliency
+            (:func:`saliency_points`; needs torch models) instead of its centre.
 
     Returns:
         the ``probabilities.json`` document.
@@ -190,7 +193,9 @@ def predict_study(study: str | os.PathLike, out_dir: str | os.PathLike, engine: 
                                            original_affine, original_shape)
     flagged = [v for v in VERTEBRAE if probs[v] >= threshold]
     t0 = time.perf_counter()
-    points = saliency_points(engine.stage2, result.crops, flagged)
+    # an exported (ONNX) bundle has no gradients: centre slices
+    points = saliency_points(engine.stage2, result.crops, flagged) \
+        if saliency and engine.differentiable else {}
     result.timing_s["saliency"] = time.perf_counter() - t0
     doc = {
         **result.to_json(volume), "input": str(Path(study).resolve()),
@@ -199,9 +204,11 @@ def predict_study(study: str | os.PathLike, out_dir: str | os.PathLike, engine: 
                  "values": {str(i + 1): v for i, v in enumerate(VERTEBRAE)},
                  "mapped_by": method},
         "overview": {"file": "overview.png",
-                     "axial_slice": "per flagged vertebra: the crop slice with the largest "
-                                    "stage-2 input-gradient saliency (the vertebra centre when "
-                                    "it has no crop)",
+                     "axial_slice": ("per flagged vertebra: the crop slice with the largest "
+                                     "stage-2 input-gradient saliency (the vertebra centre "
+                                     "when it has no crop)") if points else
+                                    "per flagged vertebra: its centre slice (--saliency: the "
+                                    "slice of largest stage-2 input-gradient saliency)",
                      "axial_points_mm": {v: [round(float(c), 2) for c in p]
                                          for v, p in points.items()}},
         "input_qc": {k: volume.qc.get(k) for k in ("status", "reasons", "repairs", "warnings",

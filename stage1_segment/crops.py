@@ -48,24 +48,35 @@ class CropConfig:
 
 
 def crop_vertebra(volume: Volume, mask: np.ndarray, mask_affine: np.ndarray,
-                  src_lo: Sequence[int], src_hi: Sequence[int], cfg: CropConfig) -> Crop:
+                  src_lo: Sequence[int], src_hi: Sequence[int], cfg: CropConfig,
+                  hu_device=None) -> Crop:
     """Cut one box (inclusive source indices) plus margin out of the CT and the label map.
+
+    ``hu_device``: ``volume.hu`` as a torch tensor on a device (the GPU): the image is
+    resampled there (:func:`common.geometry.resample_to_grid_torch`), the labels on the CPU.
 
     Returns:
         (image int16 (shape) HU, outside the CT = -1024; mask uint8 (shape) full label map,
         nearest; crop affine voxel → RAS mm).
     """
-    image, affine = geometry.crop_box(volume.hu.astype(np.float32), volume.affine, src_lo,
-                                      src_hi, cfg.margin_mm, cfg.shape, order=1,
-                                      cval=float(AIR_HU), dtype=np.float32)
+    # sampled straight from the int16 volume (only the voxels under the crop are read; scipy
+    # interpolates in double whatever the input type, so the values equal a float32 copy's)
+    if hu_device is not None:
+        affine = geometry.box_grid(volume.affine, src_lo, src_hi, cfg.margin_mm, cfg.shape)
+        image = geometry.resample_to_grid_torch(hu_device, volume.affine, affine, cfg.shape,
+                                                cval=float(AIR_HU)).round().cpu().numpy()
+    else:
+        image, affine = geometry.crop_box(volume.hu, volume.affine, src_lo, src_hi,
+                                          cfg.margin_mm, cfg.shape, order=1, cval=float(AIR_HU),
+                                          dtype=np.float32)
     labels = geometry.resample_to_grid(mask, mask_affine, affine, cfg.shape, order=0, cval=0,
                                        dtype=np.uint8)
     return np.rint(image).astype(np.int16), labels, affine
 
 
 def crops_from_boxes(volume: Volume, mask: np.ndarray, mask_affine: np.ndarray,
-                     boxes: dict[str, dict[str, Any] | None], cfg: CropConfig
-                     ) -> tuple[dict[str, Crop | None], dict[str, str]]:
+                     boxes: dict[str, dict[str, Any] | None], cfg: CropConfig,
+                     hu_device=None) -> tuple[dict[str, Crop | None], dict[str, str]]:
     """Crops of C1..C7 from boxes already computed (:func:`stage1_segment.boxes.vertebra_boxes`).
 
     Args:
@@ -74,6 +85,7 @@ def crops_from_boxes(volume: Volume, mask: np.ndarray, mask_affine: np.ndarray,
         mask_affine: float64 (4, 4) voxel → RAS mm of the mask grid.
         boxes: vertebra name → box dict (source indices ``src_lo``/``src_hi``) or None.
         cfg: crop settings.
+        hu_device: as in :func:`crop_vertebra`.
 
     Returns:
         (vertebra name → (image, mask, affine) as in :func:`crop_vertebra`, or None when the
@@ -93,7 +105,7 @@ def crops_from_boxes(volume: Volume, mask: np.ndarray, mask_affine: np.ndarray,
                             f"{cfg.min_volume_mm3:.0f})")
         else:
             crops[name] = crop_vertebra(volume, mask, mask_affine, box["src_lo"], box["src_hi"],
-                                        cfg)
+                                        cfg, hu_device)
             status[name] = "ok"
     return crops, status
 

@@ -54,25 +54,29 @@ def largest_components(mask: np.ndarray, labels: Sequence[int] = range(1, len(VE
         uint8 (X, Y, Z) cleaned copy.
     """
     out = mask.astype(np.uint8, copy=True)
+    boxes = ndimage.find_objects(out)  # one pass: the bounding box of every label present
     for lab in labels:
-        sel = out == lab
-        if not sel.any():
+        if lab > len(boxes) or boxes[lab - 1] is None:
             continue
+        box = boxes[lab - 1]  # components of a label lie inside its bounding box
+        sub = out[box]
+        sel = sub == lab
         comp, n = ndimage.label(sel, structure=_STRUCTURE)
         if n > 1:
             sizes = np.bincount(comp.ravel())[1:]
-            out[sel & (comp != int(np.argmax(sizes)) + 1)] = 0
+            sub[sel & (comp != int(np.argmax(sizes)) + 1)] = 0
     return out
 
 
-@torch.no_grad()
-def predict_on_grid(model: Stage1Module, hu_grid: np.ndarray, tta_flip_lr: bool | None = None,
+@torch.inference_mode()
+def predict_on_grid(model: Stage1Module, hu_grid, tta_flip_lr: bool | None = None,
                     clean: bool = True) -> np.ndarray:
     """Segment a volume already on the model grid.
 
     Args:
         model: a loaded stage-1 model (its device is used; fp16 autocast on CUDA).
-        hu_grid: int16/float (X, Y, Z) HU on the model grid.
+        hu_grid: int16/float (X, Y, Z) HU on the model grid (NumPy, or a torch tensor already
+            on the model's device).
         tta_flip_lr: average with the left/right mirror (default: the checkpoint's setting).
         clean: keep the largest connected component per vertebra.
 
@@ -80,20 +84,37 @@ def predict_on_grid(model: Stage1Module, hu_grid: np.ndarray, tta_flip_lr: bool 
         uint8 (X, Y, Z) classes (0 background, 1..7 C1..C7, 8 thoracic if merged).
     """
     device = next(model.parameters()).device
-    image = torch.from_numpy(window_hu(hu_grid, model.hparams.hu_window))[None, None].to(device)
+    if isinstance(hu_grid, torch.Tensor):  # the same windowing as window_hu, on the device
+        low, high = (float(w) for w in model.hparams.hu_window)
+        image = ((hu_grid.to(device, torch.float32) - low) / (high - low)).clamp(0, 1)[None, None]
+    else:
+        image = torch.from_numpy(window_hu(hu_grid, model.hparams.hu_window))[None, None].to(device)
     with torch.autocast(device_type=device.type, enabled=device.type == "cuda"):
         probs = model.predict_probs(image, tta_flip_lr=tta_flip_lr)
-    labels = probs[0].argmax(dim=0).to(torch.uint8).cpu().numpy()
+    # max(dim=0).indices: the first maximal class, as argmax, ~10x faster on the CPU for (C, N)
+    labels = probs[0].max(dim=0).indices.to(torch.uint8).cpu().numpy()
     return largest_components(labels) if clean else labels
 
 
 def segment_to_grid(model: Stage1Module, volume: Volume, tta_flip_lr: bool | None = None,
-                    clean: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                    clean: bool = True, hu_device: torch.Tensor | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
     """Resample a CT onto the model grid and segment it.
+
+    Args:
+        hu_device: ``volume.hu`` already on a torch device (e.g. the GPU): resample there
+            (:func:`common.geometry.resample_to_grid_torch`) instead of with SciPy on the CPU.
 
     Returns:
         (uint8 (X', Y', Z') classes on the model grid, model-grid affine voxel → RAS mm).
     """
+    if hu_device is not None:
+        from common.geometry import AIR_HU
+
+        affine, shape = grid_settings(model).grid_for(volume.affine, volume.shape)
+        hu_grid = torch.round(geometry.resample_to_grid_torch(
+            hu_device, volume.affine, affine, shape, cval=float(AIR_HU)))  # as np.rint
+        return predict_on_grid(model, hu_grid, tta_flip_lr, clean), affine
     hu_grid, affine = resample_volume(volume, grid_settings(model))
     return predict_on_grid(model, hu_grid, tta_flip_lr, clean), affine
 

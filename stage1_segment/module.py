@@ -27,6 +27,24 @@ from common.labels import VERTEBRAE
 LR_DIM = 2
 
 
+def tta_softmax(forward, image: torch.Tensor, flip: bool) -> torch.Tensor:
+    """Softmax probabilities (B, C, X, Y, Z) of ``forward(image)`` logits, averaged with those of
+    the left/right mirror when ``flip``. On a GPU both go through one forward pass of batch 2B
+    (the networks are per-sample in eval mode); on the CPU one after the other, which is as fast
+    there (benchmarks/results/predict_full_cpu.md) and holds half the activations. Shared by
+    :class:`Stage1Module` and exported networks."""
+    if not flip:
+        return torch.softmax(forward(image).float(), dim=1)
+    if image.device.type != "cuda":
+        mirror = torch.softmax(forward(torch.flip(image, dims=(LR_DIM,))).float(), dim=1)
+        return 0.5 * (torch.softmax(forward(image).float(), dim=1)
+                      + torch.flip(mirror, dims=(LR_DIM,)))
+    n = image.shape[0]
+    both = torch.softmax(forward(torch.cat([image, torch.flip(image, dims=(LR_DIM,))])).float(),
+                         dim=1)
+    return 0.5 * (both[:n] + torch.flip(both[n:], dims=(LR_DIM,)))
+
+
 class Stage1Module(pl.LightningModule):
     """Vertebra segmentation C1–C7.
 
@@ -77,11 +95,7 @@ class Stage1Module(pl.LightningModule):
     def predict_probs(self, image: torch.Tensor, tta_flip_lr: bool | None = None) -> torch.Tensor:
         """Softmax probabilities (B, num_classes, X, Y, Z), averaged over the L/R mirror if asked."""
         tta = self.hparams.tta_flip_lr if tta_flip_lr is None else tta_flip_lr
-        probs = torch.softmax(self(image).float(), dim=1)
-        if tta:
-            flipped = torch.softmax(self(torch.flip(image, dims=(LR_DIM,))).float(), dim=1)
-            probs = 0.5 * (probs + torch.flip(flipped, dims=(LR_DIM,)))
-        return probs
+        return tta_softmax(self, image, tta)
 
     # ------------------------------------------------------------------ steps
     def _loss(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:

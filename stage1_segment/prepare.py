@@ -116,8 +116,8 @@ def resample_volume(volume: Volume, settings: GridSettings) -> tuple[np.ndarray,
         (int16 (X', Y', Z') HU, linear interpolation, outside the FOV = -1024; grid affine).
     """
     affine, shape = settings.grid_for(volume.affine, volume.shape)
-    hu = geometry.resample_to_grid(volume.hu.astype(np.float32), volume.affine, affine, shape,
-                                   order=1, cval=float(AIR_HU), dtype=np.float32)
+    hu = geometry.resample_to_grid(volume.hu, volume.affine, affine, shape, order=1,
+                                   cval=float(AIR_HU), dtype=np.float32)  # int16 in, no copy
     return np.rint(hu).astype(np.int16), affine
 
 

@@ -49,6 +49,19 @@ def metric_weighted_bce(logits: torch.Tensor, y: torch.Tensor, w_neg: torch.Tens
     raise ValueError(f"form must be 'study' or 'global', got {form!r}")
 
 
+def tta_sigmoid(forward, x: torch.Tensor, vertebra: torch.Tensor, flip: bool) -> torch.Tensor:
+    """Probabilities (B,) of ``forward(x, vertebra)`` logits, averaged with the left-right flip
+    when ``flip``: on a GPU both views in one forward pass of batch 2B (per-sample in eval
+    mode), on the CPU one after the other (faster there: benchmarks/results/predict_full_cpu.md).
+    Shared by :class:`CropClassifier` and exported networks."""
+    if not flip:
+        return torch.sigmoid(forward(x, vertebra))
+    if x.device.type != "cuda":
+        return (torch.sigmoid(forward(x, vertebra)) + torch.sigmoid(forward(flip_lr(x), vertebra))) / 2
+    both = torch.sigmoid(forward(torch.cat([x, flip_lr(x)]), torch.cat([vertebra, vertebra])))
+    return (both[: len(x)] + both[len(x):]) / 2
+
+
 class CropClassifier(pl.LightningModule):
     """Per-vertebra fracture classifier.
 
@@ -101,7 +114,9 @@ class CropClassifier(pl.LightningModule):
         """Probabilities (B,), averaged over the left-right flip when ``tta_flip``; ``logits``
         of ``x`` already computed (B,) save the plain forward pass."""
         tta = self.hparams.tta_flip if tta_flip is None else tta_flip
-        p = torch.sigmoid(self(x, vertebra) if logits is None else logits)
+        if logits is None:
+            return tta_sigmoid(self, x, vertebra, tta)
+        p = torch.sigmoid(logits)
         if tta:
             p = (p + torch.sigmoid(self(flip_lr(x), vertebra))) / 2
         return p

@@ -71,7 +71,9 @@ def masked_pool(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
     Returns (B, 2F).
     """
-    m = F.adaptive_max_pool3d(mask.float(), features.shape[2:]) > 0.5      # (B, 1, x, y, z)
+    # plain ints: a constant output size when traced for ONNX export (cspine/onnx_models.py)
+    size = tuple(int(n) for n in features.shape[2:])
+    m = F.adaptive_max_pool3d(mask.float(), size) > 0.5                     # (B, 1, x, y, z)
     empty = ~m.flatten(1).any(dim=1)
     m = m | empty.view(-1, 1, 1, 1, 1)
     w = m.to(features.dtype)

@@ -53,7 +53,7 @@ def test_predict_synthetic_study(trained_work, tiny_data, tmp_path, capsys):
     study = sorted((tiny_data / "test_images").iterdir())[0]
     out = tmp_path / "pred"
     assert cspine_main(["predict", str(study), "--out", str(out), "--work", str(trained_work),
-                        "--threshold", "0.0", "--threads", "1"]) == 0
+                        "--threshold", "0.0", "--threads", "1", "--saliency"]) == 0
     printed = capsys.readouterr().out
     assert "time:" in printed and "patient_overall=" in printed
     volume = load_series(study)
@@ -75,9 +75,13 @@ def test_predict_synthetic_study(trained_work, tiny_data, tmp_path, capsys):
     model = load_model(doc["models"]["stage1"])
     mask = np.asarray(nib.load(out / "vertebrae_mask.nii.gz").dataobj)
     assert np.array_equal(mask, segment_volume(model, volume))
-    # a second run into the same folder replaces the outputs and leaves no temp folder
+    # a second run into the same folder replaces the outputs and leaves no temp folder;
+    # without --saliency the flagged vertebrae show their centre slices
     assert cspine_main(["predict", str(study), "--out", str(out), "--work",
-                        str(trained_work)]) == 0
+                        str(trained_work), "--threshold", "0.0"]) == 0
+    again = json.loads((out / "probabilities.json").read_text())
+    assert again["overview"]["axial_points_mm"] == {}
+    assert again["probabilities"] == doc["probabilities"]
     assert [p.name for p in tmp_path.iterdir()] == ["pred"]
 
 

@@ -44,6 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="repair what is well defined in the DICOM series (gaps, tilt, "
                              "duplicates) instead of refusing it")
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    parser.add_argument("--saliency", action="store_true",
+                        help="show each flagged vertebra's axial slice of largest stage-2 "
+                             "input-gradient saliency (a backward pass per fold model: seconds on "
+                             "a CPU for DenseNet121) instead of its centre slice")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice)")
 
@@ -74,25 +78,37 @@ def _spec(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    import warnings
+    import threading
 
     from cspine.engine import StudyEngine
     from cspine.predict import PredictError, format_result, load_input, predict_study
 
     t0 = time.perf_counter()
     try:
-        volume = load_input(args.study, lenient=args.lenient)  # fail before loading models
-        volume.qc["load_seconds"] = time.perf_counter() - t0
         import torch
 
         if args.threads:
             torch.set_num_threads(args.threads)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`.*")
-            spec = _spec(args)
-            engine = StudyEngine.from_spec(spec, device=args.device)
-        doc = predict_study(args.study, args.out, engine, threshold=args.threshold,
-                            lenient=args.lenient, volume=volume, spec=spec)
+        spec = _spec(args)
+        # the models load in a thread while the study decodes (in the decoder's processes)
+        loaded: dict = {}
+
+        def load_models() -> None:
+            try:
+                loaded["engine"] = StudyEngine.from_spec(spec, device=args.device)
+            except BaseException as exc:  # noqa: BLE001 — re-raised in the main thread
+                loaded["error"] = exc
+
+        loader = threading.Thread(target=load_models, daemon=True)
+        loader.start()
+        volume = load_input(args.study, lenient=args.lenient)
+        volume.qc["load_seconds"] = time.perf_counter() - t0
+        loader.join()
+        if "error" in loaded:
+            raise loaded["error"]
+        doc = predict_study(args.study, args.out, loaded["engine"], threshold=args.threshold,
+                            lenient=args.lenient, volume=volume, spec=spec,
+                            saliency=args.saliency)
     except PredictError as err:
         print(f"cspine predict: error: {err}", file=sys.stderr)
         return 2
