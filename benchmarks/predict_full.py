@@ -38,7 +38,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -187,14 +186,20 @@ def time_command(study: Path, work: Path, out: Path, device: str) -> tuple[float
     """``cspine predict`` as a user runs it: (wall s, its timing_s, peak RSS GiB of the command
     and its decode workers)."""
     shutil.rmtree(out, ignore_errors=True)
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    t0 = time.perf_counter()
-    _run([str(REPO / ".venv" / "bin" / "cspine"), "predict", str(study), "--out", str(out),
-          "--work", str(work), "--device", device])
-    wall = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    cmd = [str(REPO / ".venv" / "bin" / "cspine"), "predict", str(study), "--out", str(out),
+           "--work", str(work), "--device", device]
+    # a fresh wrapper process per command, so that its children's peak RSS is this command's
+    # alone (RUSAGE_CHILDREN: the largest of the waited-for descendants)
+    wrapper = ("import resource, subprocess, sys, time\n"
+               "t = time.perf_counter(); rc = subprocess.run(sys.argv[1:]).returncode\n"
+               "print(time.perf_counter() - t, "
+               "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, rc)\n")
+    res = _run([PY, "-c", wrapper, *cmd])
+    wall, peak_kib, rc = res.stdout.split()[-3:]
+    if rc != "0":
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{res.stderr[-3000:]}")
     doc = json.loads((out / "probabilities.json").read_text())
-    return wall, doc["timing_s"], max(peak, before) / 2**20
+    return float(wall), doc["timing_s"], int(peak_kib) / 2**20
 
 
 def time_batch(study: Path, work: Path, n: int, device: str, jobs: int) -> dict:
