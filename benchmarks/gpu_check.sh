@@ -63,4 +63,10 @@ wait $SYNTH_PID || { cat "$T/full.log"; exit 1; }
 STUDY=$(ls -d "$T"/full/train_images/*/ | head -1)
 $PY benchmarks/gpu_throughput.py --device $DEVICE --stage1-ckpt "$T/w/stage1/checkpoints/last.ckpt" \
   --stage2-ckpt "$T/w/stage2/fold0/checkpoints/last.ckpt" --study "$STUDY" | tee "$OUT/gpu_throughput.md"
+echo "== the engine on a full-size study (warm per study, batch throughput, GPU utilisation)"
+if [ -n "${DRY:-}" ]; then
+  $PY benchmarks/predict_full.py --dry-run | tee "$OUT/predict_full.md"
+else
+  $PY benchmarks/predict_full.py --device cuda --batch 40 --jobs 14 | tee "$OUT/predict_full.md"
+fi
 echo "total wall: $(( $(date +%s) - S )) s"

@@ -31,7 +31,7 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
-from common.labels import OVERALL, TARGETS, VERTEBRAE
+from common.labels import TARGETS, VERTEBRAE
 from cspine.summary import outputs, stage1_dice, stage2_metrics, wandb_runs
 
 CSS = """

@@ -9,7 +9,7 @@ thoracic mode) are hyperparameters, so a checkpoint alone is enough to run infer
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl

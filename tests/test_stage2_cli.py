@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from common.labels import TARGETS
-from common.metric import submission_to_wide
 from stage2_classify.cli import cli_main
 from stage2_fixtures import make_crops_for_dataset, make_stage2_world
 
