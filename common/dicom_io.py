@@ -94,7 +94,7 @@ def _native(h) -> tuple[int, bool, int, bool] | None:
 
 
 def load_series(study_dir: str | os.PathLike, lenient: bool = False,
-                workers: int | None = None) -> Volume:
+                workers: int | None = None, min_slices: int | None = None) -> Volume:
     """Load a study folder of single-frame CT slices as an int16 HU volume with its affine.
 
     Args:
@@ -103,6 +103,8 @@ def load_series(study_dir: str | os.PathLike, lenient: bool = False,
             instead of rejecting (every repair is recorded in ``volume.qc``).
         workers: decoder processes (default min(2, CPU count)); series with fewer than 32
             slices are decoded in-process.
+        min_slices: fewest slices accepted (default
+            :data:`common.series_validate.MIN_SLICES`; 1 reads a single file on purpose).
 
     Returns:
         A :class:`~common.geometry.Volume`: ``hu`` int16 (X, Y, Z), ``affine`` float64 4×4
@@ -116,7 +118,8 @@ def load_series(study_dir: str | os.PathLike, lenient: bool = False,
     scan = scan_folder(study_dir, map_chunks=lambda fn, chunks: parallel_map(fn, chunks, workers))
     qc = _base_qc(scan, lenient)
     try:
-        plan = plan_series(scan, lenient=lenient)
+        plan = plan_series(scan, lenient=lenient,
+                           **({"min_slices": min_slices} if min_slices is not None else {}))
     except SeriesError as err:
         raise _reject(qc, err) from None
     qc.update(reasons=list(plan.reasons), repairs=list(plan.repairs),

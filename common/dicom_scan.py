@@ -6,9 +6,15 @@ files are caught by the scan alone. Files are classified as:
 
 * usable slices (a :class:`SliceHeader` each);
 * skipped, with a reason (``not_dicom``, ``non_image``, ``no_geometry``, ``localizer``,
-  ``multiframe``, ``not_grayscale``): a warning, never an error;
-* corrupt (``corrupt_file``): a ``.dcm`` file pydicom cannot read, or a short PixelData element.
-  Any corrupt file rejects the study, in strict and lenient mode alike.
+  ``multiframe``, ``not_grayscale``, ``not_ct`` (a Modality other than CT)): a warning, never
+  an error;
+* corrupt, with a reason code: ``corrupt_file`` (a ``.dcm`` file pydicom cannot read, or a short
+  PixelData element), ``bad_header`` (Rows, Columns, NumberOfFrames, BitsAllocated or the rescale
+  not a number), ``implausible_size`` (Rows or Columns above :data:`MAX_SIDE`, refused before
+  any allocation), ``pixel_size_mismatch`` (uncompressed PixelData far longer than the declared
+  size, e.g. BitsAllocated 8 over 16-bit data), ``bad_geometry`` (PixelSpacing ≤ 0, an
+  orientation that is not two orthogonal unit vectors, non-finite values). Any corrupt file
+  rejects the study, in strict and lenient mode alike.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+import numpy as np
 
 #: Uncompressed transfer syntaxes (their PixelData length is known from the header).
 _NATIVE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2",
@@ -52,6 +60,10 @@ class SeriesError(ValueError):
         return (SeriesError, (self.study, self.file, self.reason, self.evidence, self.qc))
 
 
+#: Largest Rows or Columns accepted (real CT slices are at most 1,024²): a header that declares
+#: more is refused before any pixel buffer is allocated.
+MAX_SIDE = 4096
+
 @dataclass(frozen=True)
 class SliceHeader:
     """What the loader needs from one CT slice header (values in DICOM units, LPS mm).
@@ -81,6 +93,8 @@ class SliceHeader:
     padding_limit: int | None
     bits_allocated: int = 16
     pixel_offset: int = -1  # file offset of the PixelData element (uncompressed LE only)
+    has_slope: bool = True
+    has_intercept: bool = True
 
     @property
     def name(self) -> str:
@@ -158,32 +172,58 @@ def read_header(path: Path) -> tuple[str, Any]:
     image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
     if "LOCALIZER" in image_type:
         return "skip", "localizer"
-    if int(ds.get("NumberOfFrames") or 1) > 1:
+    ints = {}
+    for tag, default in (("Rows", None), ("Columns", None), ("NumberOfFrames", 1),
+                         ("SamplesPerPixel", 1), ("BitsAllocated", 16)):
+        value = ds.get(tag)
+        try:
+            ints[tag] = int(default if value in (None, "") and default is not None else value)
+        except (TypeError, ValueError):
+            return "corrupt", ("bad_header", f"{tag} {str(value)!r} is not an integer")
+    if ints["NumberOfFrames"] > 1:
         return "skip", "multiframe"
-    if int(ds.get("SamplesPerPixel") or 1) != 1:
+    if ints["SamplesPerPixel"] != 1:
         return "skip", "not_grayscale"
+    rows, cols, bits_alloc = ints["Rows"], ints["Columns"], ints["BitsAllocated"]
+    if bits_alloc not in (8, 16, 32):
+        return "corrupt", ("bad_header", f"BitsAllocated {bits_alloc} (expected 8, 16 or 32)")
+    if not (0 < rows <= MAX_SIDE and 0 < cols <= MAX_SIDE):
+        return "corrupt", ("implausible_size", f"Rows x Columns {rows}x{cols} outside 1.."
+                           f"{MAX_SIDE} (refused before allocating)")
     iop = _floats(ds.get("ImageOrientationPatient"), 6)
     ipp = _floats(ds.get("ImagePositionPatient"), 3)
     spacing = _floats(ds.get("PixelSpacing"), 2)
     if iop is None or ipp is None or spacing is None:
         return "skip", "no_geometry"
+    bad = _bad_geometry(iop, ipp, spacing)
+    if bad:
+        return "corrupt", ("bad_geometry", bad)
 
     meta = getattr(ds, "file_meta", None)
     ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
     if not ts:
         return "corrupt", "no TransferSyntaxUID in the file meta"
-    rows, cols = int(ds.Rows), int(ds.Columns)
-    bits_alloc = int(ds.get("BitsAllocated") or 16)
     remaining = size - pixel_offset
     if ts in _NATIVE:
         needed = rows * cols * bits_alloc // 8
         if remaining < needed:
             return "corrupt", (f"PixelData truncated: {remaining} bytes left for "
                                f"{rows}x{cols}x{bits_alloc // 8} = {needed}")
+        if remaining > 1.5 * needed + 256:  # e.g. BitsAllocated 8 over 16-bit pixel data
+            return "corrupt", ("pixel_size_mismatch", f"{remaining} bytes of PixelData for a "
+                               f"declared {rows}x{cols}x{bits_alloc} bits = {needed} bytes")
     elif remaining < 16:
         return "corrupt", f"no compressed PixelData ({remaining} bytes after the header)"
 
+    modality = str(ds.get("Modality") or "").strip().upper()
+    if modality and modality != "CT":  # after the structural checks: a broken file is corrupt
+        return "skip", "not_ct"
     has_rescale = "RescaleSlope" in ds or "RescaleIntercept" in ds
+    try:
+        float(ds.get("RescaleSlope") or 1.0)
+        float(ds.get("RescaleIntercept") or 0.0)
+    except (TypeError, ValueError):
+        return "corrupt", ("bad_header", "RescaleSlope/RescaleIntercept is not a number")
     slope = float(ds.get("RescaleSlope") or 1.0) if "RescaleSlope" in ds else 1.0
     intercept = float(ds.get("RescaleIntercept") or 0.0) if "RescaleIntercept" in ds else 0.0
     pad = ds.get("PixelPaddingValue")
@@ -201,8 +241,24 @@ def read_header(path: Path) -> tuple[str, Any]:
         padding=int(pad) if isinstance(pad, (int, float)) else None,
         padding_limit=int(pad_limit) if isinstance(pad_limit, (int, float)) else None,
         bits_allocated=bits_alloc,
-        pixel_offset=pixel_offset if ts in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1") else -1)
+        pixel_offset=pixel_offset if ts in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1") else -1,
+        has_slope="RescaleSlope" in ds, has_intercept="RescaleIntercept" in ds)
     return "slice", header
+
+
+def _bad_geometry(iop: tuple[float, ...], ipp: tuple[float, ...], spacing: tuple[float, ...]
+                  ) -> str:
+    """Why a slice's geometry cannot be used ("" when it can)."""
+    values = np.asarray([*iop, *ipp, *spacing], dtype=float)
+    if not np.all(np.isfinite(values)):
+        return f"non-finite geometry (IOP {list(iop)}, IPP {list(ipp)}, spacing {list(spacing)})"
+    if min(spacing) <= 0:
+        return f"PixelSpacing {list(spacing)} must be > 0"
+    row, col = np.asarray(iop[:3]), np.asarray(iop[3:])
+    if abs(np.linalg.norm(row) - 1) > 1e-2 or abs(np.linalg.norm(col) - 1) > 1e-2 \
+            or abs(float(row @ col)) > 1e-2:
+        return f"ImageOrientationPatient {list(iop)} is not two orthogonal unit vectors"
+    return ""
 
 
 def classify_files(paths: list[str]) -> list[tuple[str, Any]]:
@@ -243,6 +299,7 @@ def scan_folder(study_dir: str | os.PathLike,
         elif kind == "skip":
             result.skipped.append({"file": name, "reason": payload})
         else:
-            result.corrupt.append({"file": name, "reason": "corrupt_file", "evidence": payload})
+            reason, evidence = payload if isinstance(payload, tuple) else ("corrupt_file", payload)
+            result.corrupt.append({"file": name, "reason": reason, "evidence": evidence})
     result.seconds = time.perf_counter() - t0
     return result

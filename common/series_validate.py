@@ -9,6 +9,10 @@ The checks and the lenient repairs follow DICOM_PITFALLS.md §1–§2:
 | ``multiple_series`` | more than one SeriesInstanceUID | reject | keep the series with most slices |
 | ``inconsistent_geometry`` | IOP (tol 1e-4), Rows/Columns or PixelSpacing differ | reject | keep the largest consistent group (if unique) |
 | ``no_rescale`` | no Rescale Slope/Intercept and no Modality LUT | reject | assume (1, 0), checked after decode |
+| ``incomplete_rescale`` | a file has RescaleSlope without RescaleIntercept or the reverse | reject | take the missing value from the other files when they all agree on it; else reject |
+| ``inconsistent_rescale`` | files of the series differ in (slope, intercept) | reject | drop the files that differ from a unique majority (recorded; the gap rules apply) |
+| ``inconsistent_bits`` | files differ in BitsAllocated / BitsStored / PixelRepresentation | reject | drop the files that differ from a unique majority |
+| ``too_few_slices`` | fewer than ``MIN_SLICES`` slices after the checks (no slice step to measure) | reject | reject |
 | ``duplicate_position`` | two files at one position (within 1e-3 mm) | byte-identical: drop, warn; else reject | split into stacks by occurrence, keep the stack with the lowest file numbers |
 | ``gap`` | a step > 1.5 × median and a whole multiple of it (missing slices) | reject | resample, gap filled with −1024 HU |
 | ``nonuniform_spacing`` | any other step deviates > 1 % from the median | reject | resample to the median step (linear) |
@@ -29,6 +33,8 @@ import numpy as np
 from common import geometry
 from common.dicom_scan import ScanResult, SeriesError, SliceHeader
 
+#: Fewest slices a study may have (the slice step is measured, never taken from SliceThickness).
+MIN_SLICES = 3
 GAP_FACTOR = 1.5
 SPACING_RTOL = 1e-2
 IOP_TOL = 1e-4
@@ -176,6 +182,61 @@ class _Validator:
                             "(accepted only if the stored values look like HU)")
         return True
 
+    def _majority(self, slices: list[SliceHeader], key: Callable[[SliceHeader], Any],
+                  reason: str, what: str) -> list[SliceHeader]:
+        """Keep one value of ``key`` per series: strict rejects a mixture, lenient keeps a
+        unique majority and drops (records) the other files."""
+        counts = Counter(key(h) for h in slices)
+        if len(counts) == 1:
+            return slices
+        (top, n_top), *rest = counts.most_common()
+        odd = [h for h in slices if key(h) != top]
+        desc = ", ".join(f"{value} in {n} files" for value, n in counts.most_common())
+        if not self.lenient or rest[0][1] == n_top:
+            raise self.fail(reason, f"files differ in {what}: {desc} (e.g. {odd[0].name})",
+                            odd[0].name)
+        self.drop(odd, reason)
+        self.reasons.append(reason)
+        self.repairs.append(f"dropped {len(odd)} files whose {what} differs from the other "
+                            f"{n_top} ({desc}): " + ", ".join(h.name for h in odd[:5]))
+        return [h for h in slices if key(h) == top]
+
+    def check_bits(self, slices: list[SliceHeader]) -> list[SliceHeader]:
+        return self._majority(slices, lambda h: (h.bits_allocated, h.bits_stored,
+                                                 h.pixel_representation),
+                              "inconsistent_bits", "(BitsAllocated, BitsStored, "
+                              "PixelRepresentation)")
+
+    def check_rescale_values(self, slices: list[SliceHeader]) -> list[SliceHeader]:
+        """A file with only one of RescaleSlope / RescaleIntercept, and files whose rescale
+        differs from the others, are never decoded as if nothing were wrong."""
+        import dataclasses
+
+        part = [h for h in slices if h.has_slope != h.has_intercept]
+        if part:
+            full = [h for h in slices if h.has_slope and h.has_intercept]
+            values = {(h.slope, h.intercept) for h in full}
+            what = (f"{len(part)} of {len(slices)} files have RescaleSlope or RescaleIntercept "
+                    f"without the other (e.g. {part[0].name})")
+            if not self.lenient or len(values) != 1:
+                hint = "" if self.lenient else "; --lenient takes it from the other files when "                                                "they all agree"
+                raise self.fail("incomplete_rescale", what + hint, part[0].name)
+            slope, intercept = values.pop()
+            part_ids = {id(h) for h in part}
+            slices = [dataclasses.replace(h, slope=slope, intercept=intercept, has_slope=True,
+                                          has_intercept=True) if id(h) in part_ids else h
+                      for h in slices]
+            self.reasons.append("incomplete_rescale")
+            self.repairs.append(f"{what}: took slope {slope:g}, intercept {intercept:g} from the "
+                                f"other {len(full)} files")
+        with_rescale = [h for h in slices if h.has_rescale]
+        if len({(h.slope, h.intercept) for h in with_rescale}) > 1:
+            kept = self._majority(with_rescale, lambda h: (h.slope, h.intercept),
+                                  "inconsistent_rescale", "(RescaleSlope, RescaleIntercept)")
+            kept_ids = {id(h) for h in kept}
+            slices = [h for h in slices if not h.has_rescale or id(h) in kept_ids]
+        return slices
+
     # -- duplicates ----------------------------------------------------------------------
     def resolve_duplicates(self, slices: list[SliceHeader]) -> list[SliceHeader]:
         slices = sorted(slices, key=lambda h: (h.file_number, h.name))
@@ -280,26 +341,35 @@ class _Validator:
 
 
 def plan_series(scan: ScanResult, lenient: bool = False,
-                digest: Callable[[str], str] = pixel_digest) -> SeriesPlan:
+                digest: Callable[[str], str] = pixel_digest,
+                min_slices: int = MIN_SLICES) -> SeriesPlan:
     """Validate a scan and return the decoding plan, or raise :class:`SeriesError`.
 
     Args:
         scan: the header scan of one study folder.
         lenient: repair what can be repaired (see the module table) instead of rejecting.
         digest: function returning a PixelData fingerprint for a path (for duplicates).
+        min_slices: fewest usable slices (``too_few_slices`` below; 1 only for tests or tools
+            that read single files on purpose).
     """
     v = _Validator(scan, lenient, digest)
     if scan.corrupt:
         c = scan.corrupt[0]
-        raise v.fail("corrupt_file", f"{len(scan.corrupt)} unreadable file(s): {c['evidence']}",
-                     c["file"])
+        raise v.fail(c.get("reason", "corrupt_file"),
+                     f"{len(scan.corrupt)} unreadable file(s): {c['evidence']}", c["file"])
     if not scan.slices:
         kinds = Counter(s["reason"] for s in scan.skipped)
         raise v.fail("no_images", f"no usable CT slice among {scan.files_seen} files "
                      f"(skipped: {dict(kinds)})")
     slices = v.choose_series(scan.slices)
     slices = v.choose_geometry(slices)
+    slices = v.check_bits(slices)
     assume = v.check_rescale(slices)
+    slices = v.check_rescale_values(slices)
+    if len(slices) < min_slices:
+        raise v.fail("too_few_slices", f"{len(slices)} usable slice(s); a study needs at least "
+                     f"{min_slices} (the slice step is measured between slices)",
+                     slices[0].name if slices else "")
     direction = geometry.file_order_direction([h.file_number for h in slices],
                                               np.array([h.ipp for h in slices]))
     slices = v.resolve_duplicates(slices)

@@ -268,3 +268,30 @@ def test_parse_shard(monkeypatch):
     assert parse_shard("auto") == (1, 2)
     tasks = [StudyTask(str(i), "test", "") for i in range(5)]
     assert [t.uid for t in select_shard(tasks, (1, 2))] == ["1", "3"]
+
+
+def test_submit_writes_exactly_the_rows_test_csv_asks_for(trained_work, tiny_data, tmp_path):
+    """The real public test.csv shape: a subset of types per study, one study without images;
+    the submission holds exactly those rows in that order, the imageless study on the prior."""
+    from cspine.cli import main
+
+    data = tmp_path / "data"
+    (data / "test_images").mkdir(parents=True)
+    uids = [p.name for p in sorted((tiny_data / "test_images").iterdir())][:2]
+    for uid in uids:
+        os.symlink(tiny_data / "test_images" / uid, data / "test_images" / uid)
+    ghost = "1.2.826.0.1.3680043.999999"
+    rows = [(ghost, "C1"), (uids[1], "C3"), (uids[0], "patient_overall"), (uids[0], "C1")]
+    pd.DataFrame({"row_id": [f"{u}_{t}" for u, t in rows],
+                  "StudyInstanceUID": [u for u, _ in rows],
+                  "prediction_type": [t for _, t in rows]}).to_csv(data / "test.csv", index=False)
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in ("stage1", "stage2", "metrics.json"):
+        os.symlink(trained_work / name, work / name)
+    assert main(["submit", str(data), "--work", str(work)]) == 0
+    sub = pd.read_csv(work / "submission.csv")
+    assert sub["row_id"].tolist() == [f"{u}_{t}" for u, t in rows]
+    assert sub["fractured"].between(1e-3, 1 - 1e-3).all()
+    qc = pd.read_csv(work / "stage2" / "submit_qc.csv").set_index("StudyInstanceUID")
+    assert qc.loc[ghost, "status"] == "prior:no_images"
