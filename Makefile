@@ -93,6 +93,8 @@ STAGE2_ARGS ?=
 AGG_RULE ?=
 CLIP ?=
 SHARD ?=
+# what submit does when the evaluated rule does not beat the constant prior: refuse|go-on|prior
+IF_WORSE ?=
 .PHONY: stage2-fit evaluate submit
 stage2-fit: install  ## train stage 2 (FOLD=k, else every fold in turn; STAGE2_CONFIG) on WORK/stage1/crops/vertebrae.csv + DATA/train.csv + WORK/folds.csv -> WORK/stage2/fold<k>/ (checkpoints, run.json, wandb), WORK/stage2/oof/fold<k>.csv; a finished fold with unchanged config and inputs is skipped (a stale one moves to fold<k>.stale/), an interrupted one resumes from last.ckpt
 	@for k in $(if $(FOLD),$(FOLD),$(STAGE2_FOLDS)); do \
@@ -112,7 +114,7 @@ evaluate: install  ## stage-2 OOF evaluation: WORK/stage2/oof/fold*.csv + DATA/t
 	$(PY) -m stage2_classify.evaluate --work $(WORK) --data $(DATA) $(if $(AGG_RULE),--rule $(AGG_RULE)) $(if $(CLIP),--clip $(CLIP))
 
 submit: install  ## the whole test-time engine over the test studies (rule and clip as evaluate recorded, unless AGG_RULE/CLIP): DATA/test_images + WORK/stage1 + WORK/stage2 -> WORK/submission.csv (the rows of test.csv/sample_submission.csv), WORK/predict/<UID>/, WORK/stage2/submit_qc.csv; SHARD=i/N for one share
-	$(VENV)/bin/cspine submit $(DATA) --work $(WORK) --jobs $(JOBS) $(if $(AGG_RULE),--rule $(AGG_RULE)) $(if $(CLIP),--clip $(CLIP)) $(if $(SHARD),--shard $(SHARD))
+	$(VENV)/bin/cspine submit $(DATA) --work $(WORK) --jobs $(JOBS) $(if $(AGG_RULE),--rule $(AGG_RULE)) $(if $(CLIP),--clip $(CLIP)) $(if $(SHARD),--shard $(SHARD)) $(if $(IF_WORSE),--if-worse-than-prior $(IF_WORSE))
 
 # ---------------------------------------------------------------- end to end (demo, smoke, report)
 # The chain run by `make demo` and `make smoke`, in order; each step skips finished work.
@@ -133,7 +135,7 @@ smoke: install  ## the demo chain on PRESET=tiny with configs/smoke/* (a few ste
 	@$(MAKE) --no-print-directory demo PRESET=tiny DATA=$(SMOKE_DATA) WORK=$(SMOKE_WORK) \
 	  STAGE1_CONFIG="configs/stage1/cpu.yaml -c configs/smoke/stage1.yaml" \
 	  STAGE2_CONFIG="configs/stage2/cpu.yaml -c configs/smoke/pipeline_stage2.yaml" \
-	  STAGE2_FOLDS="$(SMOKE_FOLDS)"
+	  STAGE2_FOLDS="$(SMOKE_FOLDS)" IF_WORSE=go-on
 
 report: install  ## HTML report of a run: WORK/{qc_data.csv,stage1/,metrics.json,report/*.png,stage2/submit_qc.csv} -> WORK/report/index.html (+ PNGs)
 	$(VENV)/bin/cspine report $(WORK) --data $(DATA)

@@ -273,7 +273,11 @@ def get_pool(workers: int) -> ProcessPoolExecutor:
     global _POOL, _POOL_SIZE
     if _POOL is None or _POOL_SIZE != workers:
         shutdown_pool()
-        _POOL = ProcessPoolExecutor(max_workers=workers, mp_context=mp_context())
+        from common.procs import pool_initializer
+        init, initargs = pool_initializer()
+
+        _POOL = ProcessPoolExecutor(max_workers=workers, mp_context=mp_context(),
+                                    initializer=init, initargs=initargs)
         _POOL_SIZE = workers
     return _POOL
 

@@ -128,7 +128,11 @@ def iter_loaded(tasks: Iterable[StudyTask], lenient: bool = False,
         for task in tasks:
             yield (task, *_load_task(task, lenient, cache, keep, None))
         return
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=_context()) as pool:
+    from common.procs import pool_initializer
+    init, initargs = pool_initializer()
+
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=_context(),
+                             initializer=init, initargs=initargs) as pool:
         pending: deque[tuple[StudyTask, Future]] = deque()
         queue = iter(tasks)
         for task in queue:
@@ -181,7 +185,7 @@ def run_batch(tasks: Sequence[StudyTask], process: Callable[[StudyTask, Volume],
     for task, volume, source, fields in iter_loaded(todo, lenient, cache_dir, False, jobs):
         t0 = time.perf_counter()
         if volume is None:
-            row = on_failure(task, fields)
+            row = {**on_failure(task, fields), "volume": source}
         else:
             try:
                 row = {**process(task, volume), **fields, "volume": source}

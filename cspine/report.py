@@ -280,7 +280,11 @@ def stage2_section(work: Path, report_dir: Path) -> str:
     if b and c:
         verdict = "good" if c < b else "bad"
         out.append(f"<p class='{verdict}'>Model {c:.4f} vs baseline {b:.4f}: "
-                   f"{(1 - c / b) * 100:+.1f} % loss reduction.</p>")
+                   f"{(1 - c / b) * 100:+.1f} % loss reduction."
+                   + ("" if c < b else " <b>The model does not beat the constant prior out of "
+                      "fold: <code>make submit</code> refuses unless told to go on "
+                      "(<code>IF_WORSE=go-on</code>) or to submit the prior "
+                      "(<code>IF_WORSE=prior</code>).</b>") + "</p>")
     auc = m.get("auc", {})
     out.append(table([["AUC", *[auc.get(t, math.nan) for t in TARGETS],
                        auc.get("mean_vertebra", math.nan)]],

@@ -72,11 +72,33 @@ def study_status(found: int, fields: dict[str, Any] | None = None) -> str:
     return "ok" if found == len(VERTEBRAE) else f"partial:{len(VERTEBRAE) - found}_vertebrae_prior"
 
 
+IF_WORSE = ("refuse", "go-on", "prior")
+
+
+def worse_than_prior(work: Path, rule: str) -> str:
+    """Why the run's ``rule`` does not beat the constant prior out of fold ("" when it does,
+    or when ``make evaluate`` has not scored it)."""
+    metrics = work / "metrics.json"
+    if not metrics.is_file():
+        return ""
+    m = json.loads(metrics.read_text())
+    model = (m.get("rules", {}).get(rule) or {}).get("comp_loss")
+    prior = (m.get("baseline_prevalence") or {}).get("comp_loss")
+    if model is None or prior is None or model < prior:
+        return ""
+    return (f"the out-of-fold loss of rule {rule} ({model:.4f}) does not beat the constant "
+            f"prior ({prior:.4f}) in {metrics}")
+
+
 def submit(work: str | os.PathLike, data_root: str | os.PathLike, rule: str | None = None,
            clip: tuple[float, float] | None = None, out: str | os.PathLike | None = None,
            jobs: int = 2, shard: tuple[int, int] | None = None, device: str = "cpu",
-           tta_flip: bool | None = None, progress: bool = True):
+           tta_flip: bool | None = None, progress: bool = True, if_worse: str = "refuse"):
     """Run the engine over the test studies and write the submission (module docstring).
+
+    ``if_worse``: what to do when the rule does not beat the constant prior out of fold —
+    ``refuse`` (raise, nothing written), ``go-on`` (submit the model anyway, with a warning) or
+    ``prior`` (submit the models' prior for every study, no study is run).
 
     Returns:
         the submission frame (``row_id, fractured``), or None for a shard.
@@ -92,6 +114,15 @@ def submit(work: str | os.PathLike, data_root: str | os.PathLike, rule: str | No
     work, data_root = Path(work), Path(data_root)
     out = Path(out) if out else work / "submission.csv"
     spec = models_from_work(work, rule=rule, clip=clip)
+    worse = worse_than_prior(work, spec.rule)
+    if worse and if_worse == "refuse":
+        raise ValueError(f"{worse}: refusing to submit a model worse than the prior; pass "
+                         f"--if-worse-than-prior go-on to submit it anyway, or prior to submit "
+                         f"the prior (make: IF_WORSE=go-on|prior)")
+    if worse:
+        print(f"WARNING: {worse}; " + ("submitting it anyway (--if-worse-than-prior go-on)"
+                                       if if_worse == "go-on" else
+                                       "submitting the prior (--if-worse-than-prior prior)"))
     engine = StudyEngine.from_spec(spec, device=device, tta_flip=tta_flip)
     key = models_key(spec)
     row_ids, tasks = test_tasks(data_root)
@@ -135,8 +166,12 @@ def submit(work: str | os.PathLike, data_root: str | os.PathLike, rule: str | No
                 "errors": f"{fields.get('reason')}: {fields.get('message')}"}
 
     t0 = time.perf_counter()
-    qc = run_batch(mine, process, current, on_failure, jobs=jobs, desc="submit",
-                   progress=progress)
+    if worse and if_worse == "prior":  # no study is run: every row gets the prior
+        qc = [{**on_failure(t, {"reason": "model_worse_than_prior", "message": worse}),
+               "volume": "", "seconds": 0.0} for t in mine]
+    else:
+        qc = run_batch(mine, process, current, on_failure, jobs=jobs, desc="submit",
+                       progress=progress)
     if shard is not None:
         print(f"submit shard {shard[0]}/{shard[1]}: {len(mine)} test studies in "
               f"{time.perf_counter() - t0:.1f} s -> {predict_dir}; run without --shard to "

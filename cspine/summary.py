@@ -129,6 +129,10 @@ def format_summary(work: str | os.PathLike, seconds: float | None = None) -> str
                      f"constant-prevalence baseline {_f(base.get('comp_loss'), 4)}")
         lines.append(f"  competition loss (global)     model {_f(m.get('comp_loss_global'), 4)}"
                      f"   baseline {_f(base.get('comp_loss_global'), 4)}")
+        if m.get("comp_loss") is not None and base.get("comp_loss") is not None \
+                and m["comp_loss"] >= base["comp_loss"]:
+            lines.append("  WARNING: the model does not beat the constant prior out of fold; "
+                         "`make submit` refuses unless IF_WORSE=go-on or IF_WORSE=prior")
         auc = m.get("auc", {})
         lines.append("  AUC " + "  ".join(
             f"{'overall' if t == OVERALL else t}={_f(auc.get(t))}" for t in TARGETS)

@@ -249,7 +249,10 @@ def prepare_studies(data_root: str | os.PathLike, work_dir: str | os.PathLike,
             rows.append(prepare_study(*args))
             bar.update()
     else:
-        with ProcessPoolExecutor(max_workers=jobs) as pool:
+        from common.procs import pool_initializer
+        init, initargs = pool_initializer()
+
+        with ProcessPoolExecutor(max_workers=jobs, initializer=init, initargs=initargs) as pool:
             futures = [pool.submit(prepare_study, *args) for args in todo]
             for fut in as_completed(futures):
                 rows.append(fut.result())

@@ -87,12 +87,18 @@ def evaluate(work: Path, data_root: Path, rule: str = DEFAULT_RULE,
         "auc": aucs, "comp_loss_per_fold": per_fold,
         "overall_below_max_vertebra": violations,
     }
+    metrics["beats_prior"] = bool(metrics["comp_loss"] < metrics["baseline_prevalence"]["comp_loss"])
     write_csv(work / "oof.csv", chosen.assign(fold=oof["fold"]).reset_index())
     write_json(work / "metrics.json", metrics)
     Stacker(C=C).fit(oof[list(VERTEBRAE)], labels).save(work / "stage2" / "stacker.json")
     plot_roc(y, chosen, work / "report" / "roc.png")
     plot_calibration(y, chosen, work / "report" / "calibration.png")
     print(format_table(metrics))
+    if not metrics["beats_prior"]:
+        print(f"WARNING: the model (rule {rule}) does not beat the constant prior out of fold "
+              f"(loss {metrics['comp_loss']:.4f} vs {metrics['baseline_prevalence']['comp_loss']:.4f})"
+              f"; `make submit` refuses unless IF_WORSE=go-on (ship it anyway) or IF_WORSE=prior "
+              f"(submit the prior)")
     return metrics
 
 

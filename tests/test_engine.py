@@ -22,6 +22,8 @@ from common.labels import TARGETS, VERTEBRAE
 from e2e_fixtures import trained_run
 
 REPO = Path(__file__).resolve().parents[1]
+#: the few-step tiny models may or may not beat the constant prior; these tests are about paths
+GO_ON = ["--if-worse-than-prior", "go-on"]
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +59,7 @@ def test_submit_and_predict_give_the_same_crops_and_probabilities(trained_work, 
 
     out = tmp_path / "submission.csv"
     assert main(["submit", str(tiny_data), "--work", str(trained_work), "--out", str(out),
-                 "--jobs", "2"]) == 0
+                 "--jobs", "2", *GO_ON]) == 0
     sub = pd.read_csv(out).set_index("row_id")["fractured"]
     expected = pd.read_csv(tiny_data / "sample_submission.csv")["row_id"].tolist()
     assert sub.index.tolist() == expected
@@ -106,7 +108,7 @@ def test_each_study_is_decoded_once(trained_work, tiny_data):
     from cspine.summary import decode_counts
 
     if not (trained_work / "stage2" / "submit_qc.csv").is_file():
-        assert main(["submit", str(tiny_data), "--work", str(trained_work)]) == 0
+        assert main(["submit", str(tiny_data), "--work", str(trained_work), *GO_ON]) == 0
     counts = decode_counts(trained_work)
     prep = pd.read_csv(trained_work / "stage1" / "qc_prepare.csv")
     crops = pd.read_csv(trained_work / "stage1" / "crops" / "qc_crops.csv")
@@ -207,7 +209,7 @@ def test_long_real_geometry_study_same_in_batch_and_predict(trained_work, tiny_d
     for name in ("stage1", "stage2", "metrics.json"):  # the trained run's models, by link
         os.symlink(trained_work / name, work / name)
     out = tmp_path / "sub.csv"
-    assert main(["submit", str(data), "--work", str(work), "--out", str(out)]) == 0
+    assert main(["submit", str(data), "--work", str(work), "--out", str(out), *GO_ON]) == 0
     sub = pd.read_csv(out).set_index("row_id")["fractured"]
     doc = _predict_cli(data / "test_images" / uid, work, tmp_path / "one")
     batch = json.loads((work / "predict" / uid / "probabilities.json").read_text())
@@ -227,7 +229,7 @@ def test_two_shards_give_the_same_submission_as_one_process(trained_work, tiny_d
         os.symlink(trained_work / name, work / name)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "cspine", "submit", str(tiny_data), "--work", str(work),
-           "--jobs", "1"]
+           "--jobs", "1", *GO_ON]
     procs = [subprocess.Popen([*cmd, "--shard", f"{i}/2"], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(2)]
     for p in procs:
@@ -245,7 +247,7 @@ def test_two_shards_give_the_same_submission_as_one_process(trained_work, tiny_d
     for name in ("stage1", "stage2", "metrics.json"):
         os.symlink(trained_work / name, single / name)
     one = subprocess.run([sys.executable, "-m", "cspine", "submit", str(tiny_data), "--work",
-                          str(single), "--jobs", "2"], env=env, capture_output=True, text=True,
+                          str(single), "--jobs", "2", *GO_ON], env=env, capture_output=True, text=True,
                          timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
     a = pd.read_csv(tmp_path / "merged.csv")
@@ -289,9 +291,35 @@ def test_submit_writes_exactly_the_rows_test_csv_asks_for(trained_work, tiny_dat
     work.mkdir()
     for name in ("stage1", "stage2", "metrics.json"):
         os.symlink(trained_work / name, work / name)
-    assert main(["submit", str(data), "--work", str(work)]) == 0
+    assert main(["submit", str(data), "--work", str(work), *GO_ON]) == 0
     sub = pd.read_csv(work / "submission.csv")
     assert sub["row_id"].tolist() == [f"{u}_{t}" for u, t in rows]
     assert sub["fractured"].between(1e-3, 1 - 1e-3).all()
     qc = pd.read_csv(work / "stage2" / "submit_qc.csv").set_index("StudyInstanceUID")
     assert qc.loc[ghost, "status"] == "prior:no_images"
+
+
+def test_submit_refuses_a_model_worse_than_the_prior(trained_work, tiny_data, tmp_path, capsys):
+    """make evaluate's OOF numbers say the rule loses to the constant prior: submit refuses
+    (one line, exit 2, nothing written) unless told to go on or to submit the prior."""
+    from cspine.cli import main
+
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in ("stage1", "stage2"):
+        os.symlink(trained_work / name, work / name)
+    metrics = json.loads((trained_work / "metrics.json").read_text())
+    rule = metrics["rule"]
+    metrics["rules"][rule]["comp_loss"] = metrics["baseline_prevalence"]["comp_loss"] + 0.05
+    (work / "metrics.json").write_text(json.dumps(metrics))
+    assert main(["submit", str(tiny_data), "--work", str(work)]) == 2
+    err = capsys.readouterr().err
+    assert "does not beat the constant prior" in err and len(err.strip().splitlines()) == 1
+    assert not (work / "submission.csv").exists()
+    assert main(["submit", str(tiny_data), "--work", str(work), "--if-worse-than-prior",
+                 "prior"]) == 0
+    sub = pd.read_csv(work / "submission.csv")
+    qc = pd.read_csv(work / "stage2" / "submit_qc.csv")
+    assert qc["status"].str.startswith("prior").all() and not (work / "predict").exists()
+    types = sub["row_id"].str.split("_", n=1).str[1]
+    assert sub.groupby(types)["fractured"].nunique().eq(1).all()  # one prior value per type

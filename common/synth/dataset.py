@@ -138,7 +138,11 @@ def _run(cfg: SynthConfig, out: Path, todo: list[StudyPlan], progress: bool
                     yield plan.uid, exc
                 bar.update()
             return
-        with ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context()) as pool:
+        from common.procs import pool_initializer
+        init, initargs = pool_initializer()
+
+        with ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context(),
+                                 initializer=init, initargs=initargs) as pool:
             futures = {pool.submit(write_study, cfg, plan, out): plan.uid for plan in todo}
             for fut in as_completed(futures):
                 exc = fut.exception()

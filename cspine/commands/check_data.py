@@ -133,7 +133,12 @@ def run(args: argparse.Namespace) -> int:
     if workers > 1 and len(jobs) > 4:
         from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(max_workers=workers, mp_context=mp_context()) as pool:
+        from common.procs import pool_initializer
+
+        init, initargs = pool_initializer()
+
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp_context(),
+                                 initializer=init, initargs=initargs) as pool:
             for row in pool.map(census_study, jobs, chunksize=4):
                 rows.append(row)
                 bar.update()

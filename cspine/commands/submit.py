@@ -32,6 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="process every N-th test study from i only (auto: from Slurm array "
                              "or torchrun variables); then run once without it to merge")
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    parser.add_argument("--if-worse-than-prior", choices=("refuse", "go-on", "prior"),
+                        default="refuse",
+                        help="when the rule's out-of-fold loss (metrics.json) does not beat the "
+                             "constant prior: refuse (default), go-on (submit the model anyway) "
+                             "or prior (submit the prior)")
     parser.add_argument("--tta-flip", choices=("config", "on", "off"), default="config",
                         help="stage-2 left-right flip TTA (default: as each model was trained)")
 
@@ -45,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         submit(args.work, args.data, rule=args.rule, clip=tuple(args.clip) if args.clip else None,
                out=args.out, jobs=args.jobs, shard=parse_shard(args.shard), device=args.device,
-               tta_flip=tta)
+               tta_flip=tta, if_worse=args.if_worse_than_prior)
     except (PredictError, ValueError, OSError) as err:
         print(f"cspine submit: error: {err}", file=sys.stderr)
         return 2
