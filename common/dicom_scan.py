@@ -166,6 +166,16 @@ def read_header(path: Path) -> tuple[str, Any]:
         if _looks_like_dicom(path):
             return "corrupt", f"header unreadable ({type(exc).__name__}: {exc})"
         return "skip", "not_dicom"
+    try:
+        return _interpret(path, ds, size, pixel_offset)
+    except (TypeError, ValueError, OverflowError, AttributeError, KeyError) as exc:
+        # a value of the wrong type or form where a number or a list is needed
+        return "corrupt", ("bad_header", f"unusable header value ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else ''})")
+
+
+def _interpret(path: Path, ds: Any, size: int, pixel_offset: int) -> tuple[str, Any]:
+    """:func:`read_header` after the file was read: classify it and build its header."""
 
     if "Rows" not in ds or "Columns" not in ds:
         return "skip", "non_image"

@@ -114,6 +114,45 @@ def align_labels(volume: Volume, labels: np.ndarray, labels_affine: np.ndarray,
     return out, method
 
 
+#: Shifts (mm, along each array axis) at which a mask's bone fraction is compared with its own.
+SHIFTS_MM = (-40.0, -30.0, -20.0, -10.0, 10.0, 20.0, 30.0, 40.0)
+#: ``shifted_mask``: a shifted copy lies on bone this much more (absolute and relative).
+SHIFT_GAIN_MIN = 0.15
+SHIFT_RATIO_MIN = 1.25
+
+
+def best_shift(hu: np.ndarray, mask: np.ndarray, affine: np.ndarray, max_voxels: int = 50_000,
+               seed: int = 0) -> tuple[list[float], float]:
+    """The shift (mm per array axis, one axis at a time, :data:`SHIFTS_MM`) at which the mask's
+    voxels lie most on bone (HU ≥ :data:`BONE_HU`), and that bone fraction.
+
+    A mask aligned by the wrong geometry (or shifted by hand) sits beside the vertebrae: one of
+    its shifted copies then covers bone far better than the mask itself, although its own bone
+    fraction can still pass :data:`BONE_FRACTION_MIN` (issue 16: a 40-mm shift at 0.60).
+    Voxels that a shift moves outside the CT count as not bone.
+    """
+    pts = np.argwhere(mask)
+    if len(pts) > max_voxels:
+        pts = pts[np.random.default_rng(seed).choice(len(pts), max_voxels, replace=False)]
+    spacing = geometry.spacing_of(affine)
+    shape = np.asarray(hu.shape)
+    best: tuple[list[float], float] = ([0.0, 0.0, 0.0], 0.0)
+    for axis in range(3):
+        for mm in SHIFTS_MM:
+            moved = pts.copy()
+            moved[:, axis] += int(round(mm / spacing[axis]))
+            inside = np.all((moved >= 0) & (moved < shape), axis=1)
+            if not inside.any():
+                continue
+            m = moved[inside]
+            fraction = float((hu[m[:, 0], m[:, 1], m[:, 2]] >= BONE_HU).sum()) / len(pts)
+            if fraction > best[1]:
+                shift = [0.0, 0.0, 0.0]
+                shift[axis] = mm
+                best = (shift, round(fraction, 4))
+    return best
+
+
 def alignment_qc(hu: np.ndarray, classes: np.ndarray, affine: np.ndarray) -> dict[str, Any]:
     """Plausibility of a mask on its CT: bone fraction and C1-above-C7 (see module docstring).
 
@@ -135,6 +174,11 @@ def alignment_qc(hu: np.ndarray, classes: np.ndarray, affine: np.ndarray) -> dic
     qc["median_hu"] = float(np.median(hu[cervical]))
     if qc["bone_fraction"] < BONE_FRACTION_MIN:
         qc["flags"].append("low_bone_fraction")
+    best = best_shift(hu, cervical, affine)
+    qc["best_shift_mm"], qc["best_shift_bone_fraction"] = best
+    if best[1] >= qc["bone_fraction"] + SHIFT_GAIN_MIN and \
+            best[1] >= qc["bone_fraction"] * SHIFT_RATIO_MIN:
+        qc["flags"].append("shifted_mask")
     if 1 in present and 7 in present:
         z = {}
         for c in (1, 7):
