@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="cspine",
         description="Cervical-spine fracture detection on CT (RSNA 2022 layout): data checks, "
                     "conversion, synthetic data, scoring and single-study prediction.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error instead of one line")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for mod in _command_modules():
         p = sub.add_parser(mod.NAME, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP),
@@ -47,6 +49,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cspine: interrupted", file=sys.stderr)
         return 130
+    except expected_errors() as err:  # bad input, bad path, disk full, permission: one line
+        if args.debug:
+            raise
+        text = " ".join(part.strip() for part in str(err).splitlines() if part.strip())
+        print(f"cspine {args.command}: error: {text or type(err).__name__} "
+              f"({type(err).__name__}; --debug shows the traceback)", file=sys.stderr)
+        return 2
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """The failures a command turns into one line and exit status 2 (anything else is a bug and
+    keeps its traceback): OS errors (missing or unwritable paths, a full disk, permissions),
+    value errors (bad input: ``SeriesError``, ``GeometryError``, malformed CSVs), runtime errors
+    (``PredictError``, a file that is not a checkpoint), truncated compressed files, and
+    nibabel's unreadable images."""
+    out: list[type[BaseException]] = [OSError, ValueError, RuntimeError, EOFError, MemoryError]
+    try:
+        from nibabel.filebasedimages import ImageFileError
+
+        out.append(ImageFileError)
+    except ImportError:
+        pass
+    return tuple(out)
 
 
 if __name__ == "__main__":
