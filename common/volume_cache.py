@@ -77,8 +77,9 @@ def load_study(study_dir: str | os.PathLike, lenient: bool = False,
 
     t0 = time.perf_counter()
     path = Path(cache_dir) / f"{Path(study_dir).name}.npz" if cache_dir else None
-    key = series_key(study_dir, lenient) if path is not None else None
-    if path is not None and path.is_file():
+    cached = path is not None and path.is_file()
+    key = series_key(study_dir, lenient) if cached or (path is not None and keep) else None
+    if cached:
         volume = _read(path, key)
         if volume is not None:
             volume.qc["load_seconds"] = time.perf_counter() - t0

@@ -51,7 +51,7 @@ class StudyResult:
         probabilities: target (C1..C7, patient_overall) → probability; None when stage 2 was
             not run (``score=False``).
         rule: the ``patient_overall`` rule used (None without stage 2).
-        timing_s: seconds per step (``stage1``, ``boxes_crops``, ``stage2``).
+        timing_s: seconds per step (``stage1``, ``crops`` (boxes + crops), ``stage2``).
     """
 
     study_uid: str
@@ -120,6 +120,7 @@ class StudyEngine:
         self.prior = ensemble_prior(self.stage2) if self.stage2 else None
         self.resample_on_device = resample_on_device
         self.load_seconds = 0.0
+        self.spec = None  # the ModelSpec it was loaded from (from_spec)
 
     @classmethod
     def from_spec(cls, spec, device: str = "cpu", stage2: bool = True,
@@ -153,6 +154,7 @@ class StudyEngine:
         engine = cls(model1, crop_config(spec.crops), models2, rule=spec.rule, stacker=stacker,
                      clip=spec.clip, tta_flip=tta_flip)
         engine.load_seconds = time.perf_counter() - t0
+        engine.spec = spec
         return engine
 
     @property

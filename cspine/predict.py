@@ -147,8 +147,7 @@ def saliency_points(models, crops: dict[str, Any], vertebrae: list[str]
 
 def predict_study(study: str | os.PathLike, out_dir: str | os.PathLike, engine: StudyEngine,
                   threshold: float = DEFAULT_THRESHOLD, lenient: bool = False,
-                  volume=None, spec: ModelSpec | None = None,
-                  saliency: bool = False) -> dict[str, Any]:
+                  volume=None, saliency: bool = False) -> dict[str, Any]:
     """Predict one study and write the outputs of the module docstring into ``out_dir``.
 
     Nothing is written under ``out_dir`` unless every output is complete: the files are made in
@@ -162,7 +161,6 @@ def predict_study(study: str | os.PathLike, out_dir: str | os.PathLike, engine: 
         threshold: flag vertebrae with p ≥ threshold.
         lenient: lenient DICOM loading.
         volume: the study already loaded by :func:`load_input` (else it is loaded here).
-        spec: the models' spec, recorded in ``probabilities.json``.
         saliency: pick each flagged vertebra's axial slice by stage-2 input-gradient saliency
             (:func:`saliency_points`; needs torch models) instead of its centre.
 
@@ -213,7 +211,8 @@ def predict_study(study: str | os.PathLike, out_dir: str | os.PathLike, engine: 
                                          for v, p in points.items()}},
         "input_qc": {k: volume.qc.get(k) for k in ("status", "reasons", "repairs", "warnings",
                                                    "shape", "spacing") if k in volume.qc},
-        "models": spec.to_json() if spec is not None else None, "device": engine.device,
+        "models": engine.spec.to_json() if engine.spec is not None else None,
+        "device": engine.device,
         "timing_s": {"load_models": round(engine.load_seconds, 3),
                      "load_input": round(t_load, 3),
                      **{k: round(v, 3) for k, v in result.timing_s.items()}},

@@ -42,6 +42,11 @@ def test_tasks(data_root: Path) -> tuple[list[str], list[StudyTask]]:
 
     ds = RSNADataset(data_root)
     rows = ds.expected_submission_rows()
+    for row_id in rows:  # before any study runs
+        uid, _, target = row_id.partition("_")
+        if target not in TARGETS:
+            raise ValueError(f"{data_root}: row_id {row_id!r} asks for an unknown type "
+                             f"{target!r}; expected one of {', '.join(TARGETS)}")
     uids = list(dict.fromkeys(r.split("_", 1)[0] for r in rows))
     tasks = []
     for uid in uids:
@@ -144,6 +149,7 @@ def submit(work: str | os.PathLike, data_root: str | os.PathLike, rule: str | No
         result = engine.run(volume)
         folder = predict_dir / task.uid
         for name, crop in result.crops.items():
+            (folder / "crops" / f"{name}.npz").unlink(missing_ok=True)  # from an earlier run
             if crop is not None:
                 save_npz(folder / "crops" / f"{name}.npz", image=crop[0], mask=crop[1],
                          affine=crop[2])
@@ -180,9 +186,6 @@ def submit(work: str | os.PathLike, data_root: str | os.PathLike, rule: str | No
     values = []
     for row_id in row_ids:
         uid, target = row_id.split("_", 1)
-        if target not in TARGETS:
-            raise ValueError(f"{data_root}: row_id {row_id!r} asks for an unknown type "
-                             f"{target!r}; expected one of {', '.join(TARGETS)}")
         values.append(float(probs[uid][target]))
     sub = pd.DataFrame({"row_id": row_ids, "fractured": values})
     write_csv(out, sub)

@@ -9,7 +9,10 @@ One ``.npz`` per study under ``$WORK/stage1/cache/<settings key>/<StudyInstanceU
 * ``src_affine``, ``src_shape``, ``file_numbers``: the DICOM volume's geometry, so that boxes
   can be mapped back to original (column, row, sorted slice) indices and file numbers.
 
-The settings key is a hash of the grid settings, so a changed grid never reuses a stale cache.
+The decoded full-resolution volume of every study prepared here is kept in
+``$WORK/cache/volumes`` (:mod:`common.volume_cache`), so that ``make crops`` does not decode the
+series again. The settings key is a hash of the grid settings, so a changed grid never reuses a
+stale cache.
 The HU window is *not* part of the key: it is applied when the cache is read (a model
 hyperparameter). Files are written atomically and skipped when present, so an interrupted run
 resumes where it stopped; a failing study becomes a row of ``$WORK/stage1/qc_prepare.csv`` and

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -35,7 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stage-1 checkpoint (overrides the one from --work/--bundle)")
     parser.add_argument("--stage2-ckpt", type=Path, action="append", default=None,
                         help="stage-2 checkpoint; repeat for several folds (overrides --work)")
-    parser.add_argument("--rule", default=None, choices=("noisy_or", "max", "stacker"),
+    from stage2_classify.aggregate import RULES
+
+    parser.add_argument("--rule", default=None, choices=RULES,
                         help="patient_overall rule (default: the one make evaluate recorded in "
                              "WORK/metrics.json, or the bundle's)")
     parser.add_argument("--threshold", type=float, default=0.5,
@@ -58,8 +61,7 @@ def _spec(args: argparse.Namespace):
     if args.bundle is not None:
         spec = models_from_bundle(args.bundle)
         if args.rule:
-            spec.rule = args.rule
-            spec.__post_init__()
+            spec = dataclasses.replace(spec, rule=args.rule)  # __post_init__ checks the stacker
     elif args.stage1_ckpt is not None and args.stage2_ckpt and args.work is None:
         spec = ModelSpec(stage1=args.stage1_ckpt, stage2=list(args.stage2_ckpt),
                          rule=args.rule or ModelSpec.rule, source="command line")
@@ -107,8 +109,7 @@ def run(args: argparse.Namespace) -> int:
         if "error" in loaded:
             raise loaded["error"]
         doc = predict_study(args.study, args.out, loaded["engine"], threshold=args.threshold,
-                            lenient=args.lenient, volume=volume, spec=spec,
-                            saliency=args.saliency)
+                            lenient=args.lenient, volume=volume, saliency=args.saliency)
     except PredictError as err:
         print(f"cspine predict: error: {err}", file=sys.stderr)
         return 2
