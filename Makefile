@@ -94,6 +94,8 @@ AGG_RULE ?=
 CLIP ?=
 SHARD ?=
 # what submit does when the evaluated rule does not beat the constant prior: refuse|go-on|prior
+# ANATOMY_LIMITS=FILE: YAML overriding the anatomy check's limits (stage1_segment/anatomy.py)
+ANATOMY_LIMITS ?=
 IF_WORSE ?=
 .PHONY: stage2-fit evaluate submit
 stage2-fit: install  ## train stage 2 (FOLD=k, else every fold in turn; STAGE2_CONFIG) on WORK/stage1/crops/vertebrae.csv + DATA/train.csv + WORK/folds.csv -> WORK/stage2/fold<k>/ (checkpoints, run.json, wandb), WORK/stage2/oof/fold<k>.csv; a finished fold with unchanged config and inputs is skipped (a stale one moves to fold<k>.stale/), an interrupted one resumes from last.ckpt
@@ -114,7 +116,7 @@ evaluate: install  ## stage-2 OOF evaluation: WORK/stage2/oof/fold*.csv + DATA/t
 	$(PY) -m stage2_classify.evaluate --work $(WORK) --data $(DATA) $(if $(AGG_RULE),--rule $(AGG_RULE)) $(if $(CLIP),--clip $(CLIP))
 
 submit: install  ## the whole test-time engine over the test studies (rule and clip as evaluate recorded, unless AGG_RULE/CLIP): DATA/test_images + WORK/stage1 + WORK/stage2 -> WORK/submission.csv (the rows of test.csv/sample_submission.csv), WORK/predict/<UID>/, WORK/stage2/submit_qc.csv; SHARD=i/N for one share
-	$(VENV)/bin/cspine submit $(DATA) --work $(WORK) --jobs $(JOBS) $(if $(AGG_RULE),--rule $(AGG_RULE)) $(if $(CLIP),--clip $(CLIP)) $(if $(SHARD),--shard $(SHARD)) $(if $(IF_WORSE),--if-worse-than-prior $(IF_WORSE))
+	$(VENV)/bin/cspine submit $(DATA) --work $(WORK) --jobs $(JOBS) $(if $(AGG_RULE),--rule $(AGG_RULE)) $(if $(CLIP),--clip $(CLIP)) $(if $(SHARD),--shard $(SHARD)) $(if $(IF_WORSE),--if-worse-than-prior $(IF_WORSE)) $(if $(ANATOMY_LIMITS),--anatomy-limits $(ANATOMY_LIMITS))
 
 # ---------------------------------------------------------------- end to end (demo, smoke, report)
 # The chain run by `make demo` and `make smoke`, in order; each step skips finished work.

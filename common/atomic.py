@@ -48,6 +48,31 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
             tmp_path.unlink()
 
 
+def check_writable(path: str | os.PathLike, suffixes: tuple[str, ...] = ()) -> Path:
+    """Refuse, before any work is done, an output path that cannot be written.
+
+    Checks the suffix (one of ``suffixes`` when given, e.g. ``(".nii", ".nii.gz")``), that
+    ``path`` is not a folder, and that its nearest existing ancestor is a writable folder (the
+    missing ones are created later by :func:`atomic_path`). Nothing is created here.
+
+    Raises:
+        ValueError: the path, and what is wrong with it, in one line.
+    """
+    path = Path(path)
+    if suffixes and not path.name.lower().endswith(tuple(s.lower() for s in suffixes)):
+        raise ValueError(f"{path}: the output must end in {' or '.join(suffixes)}")
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder, not a file to write")
+    parent = path.parent
+    while not parent.exists() and not parent.is_symlink() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{path}: cannot be created, {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{path}: cannot be created, {parent} is not writable")
+    return path
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Atomically write a text file (UTF-8)."""
     with atomic_path(path) as tmp:

@@ -1,4 +1,5 @@
-"""A ``ModelCheckpoint`` whose ``last.ckpt`` is really the last epoch, for both stages.
+"""Checkpoints of both stages: a ``ModelCheckpoint`` whose ``last.ckpt`` is really the last
+epoch, and readable errors for files that are not checkpoints.
 
 Lightning 2.6's ``save_last=True`` rewrites ``last.ckpt`` only in a step where a top-k checkpoint
 was saved, so with ``save_top_k: 1`` it holds the best validation epoch: ``--ckpt_path last``
@@ -8,9 +9,28 @@ anything read from "the last model" would have been chosen on the validation fol
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import os
+import pickle
+import zipfile
+from typing import Any, Iterator
 
 from pytorch_lightning.callbacks import ModelCheckpoint
+
+
+@contextlib.contextmanager
+def unreadable_checkpoint(path: str | os.PathLike) -> Iterator[None]:
+    """Turn the ways ``torch.load`` fails on a file that is not a checkpoint (unpickling, zip,
+    truncation and stream errors) into one ``ValueError`` naming ``path``; a missing file stays
+    ``FileNotFoundError``."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ValueError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {first})"
+                         ) from None
 
 
 class EpochEndModelCheckpoint(ModelCheckpoint):

@@ -30,6 +30,7 @@ from pathlib import Path
 import pandas as pd
 
 from common.labels import TARGETS
+from common.tables import read_csv
 
 UID = "StudyInstanceUID"
 EXCLUSIONS_CSV = Path(__file__).with_name("exclusions.csv")
@@ -56,7 +57,7 @@ def _read_csv(path: Path, required: tuple[str, ...], what: str) -> pd.DataFrame:
     if not path.is_file():
         raise DatasetError(f"{path} not found: {what} needs {path.name} in the RSNA-layout folder "
                            f"{path.parent}")
-    frame = pd.read_csv(path, dtype={UID: str})
+    frame = read_csv(path, dtype={UID: str})
     missing = [c for c in required if c not in frame.columns]
     if missing:
         raise DatasetError(f"{path}: missing columns {missing} (has {list(frame.columns)})")

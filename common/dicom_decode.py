@@ -260,12 +260,11 @@ _POOL_SIZE = 0
 
 
 def mp_context() -> multiprocessing.context.BaseContext:
-    """forkserver on Linux (safe with threads in the parent, cheap after the first start)."""
-    if sys.platform.startswith("linux"):
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["numpy", "pydicom", "common.dicom_decode"])
-        return ctx
-    return multiprocessing.get_context("spawn")
+    """:func:`common.procs.worker_context` with the decoder preloaded (forkserver on Linux: safe
+    with threads in the parent, cheap after the first start)."""
+    from common.procs import worker_context
+
+    return worker_context(["numpy", "pydicom", "common.dicom_decode"])
 
 
 def get_pool(workers: int) -> ProcessPoolExecutor:

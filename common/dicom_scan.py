@@ -6,8 +6,11 @@ files are caught by the scan alone. Files are classified as:
 
 * usable slices (a :class:`SliceHeader` each);
 * skipped, with a reason (``not_dicom``, ``non_image``, ``no_geometry``, ``localizer``,
-  ``multiframe``, ``not_grayscale``, ``not_ct`` (a Modality other than CT)): a warning, never
-  an error;
+  ``multiframe``, ``not_grayscale``, ``not_ct`` (a Modality other than CT), and for entries that
+  are not regular files ``not_a_file`` (a folder, a device), ``broken_link`` (a dangling or
+  looping symbolic link), ``unreadable`` (an entry the operating system will not stat)): a
+  warning, never an error by itself; every skipped file is named in the QC record and in any
+  error the study then raises (e.g. a ``gap`` where a skipped slice was);
 * corrupt, with a reason code: ``corrupt_file`` (a ``.dcm`` file pydicom cannot read, or a short
   PixelData element), ``bad_header`` (Rows, Columns, NumberOfFrames, BitsAllocated or the rescale
   not a number), ``implausible_size`` (Rows or Columns above :data:`MAX_SIDE`, refused before
@@ -271,6 +274,30 @@ def _bad_geometry(iop: tuple[float, ...], ipp: tuple[float, ...], spacing: tuple
     return ""
 
 
+def _entries(folder: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """(sorted paths of the regular files in ``folder`` (symbolic links followed), the other
+    entries as skipped records ``{"file", "reason"}``)."""
+    paths, others = [], []
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as exc:
+        raise SeriesError(folder.name, "", "unreadable",
+                          f"cannot list {folder}: {exc.strerror or exc}") from None
+    for entry in entries:
+        try:
+            if entry.is_file():
+                paths.append(entry.path)
+                continue
+            if entry.is_symlink() and not os.path.exists(entry.path):
+                reason = "broken_link"
+            else:
+                reason = "not_a_file"
+        except OSError:  # e.g. a symbolic link loop, a name the system cannot stat
+            reason = "broken_link" if os.path.islink(entry.path) else "unreadable"
+        others.append({"file": entry.name, "reason": reason})
+    return paths, others
+
+
 def classify_files(paths: list[str]) -> list[tuple[str, Any]]:
     """:func:`read_header` for each path, in order (a picklable unit of work for a pool)."""
     return [read_header(Path(p)) for p in paths]
@@ -295,13 +322,14 @@ def scan_folder(study_dir: str | os.PathLike,
     result = ScanResult(study=folder.name)
     if not folder.is_dir():
         raise SeriesError(folder.name, "", "no_images", f"{folder} is not a folder")
-    paths = sorted(str(e.path) for e in os.scandir(folder) if e.is_file())
+    paths, others = _entries(folder)
     chunks = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
     if map_chunks is not None and len(chunks) > 1:
         parts = map_chunks(classify_files, chunks)
     else:
         parts = [classify_files(c) for c in chunks]
-    result.files_seen = len(paths)
+    result.files_seen = len(paths) + len(others)
+    result.skipped.extend(others)
     for path, (kind, payload) in zip(paths, (r for part in parts for r in part)):
         name = os.path.basename(path)
         if kind == "slice":

@@ -24,6 +24,7 @@ import pandas as pd
 
 from common.atomic import write_csv
 from common.labels import OVERALL, VERTEBRAE
+from common.tables import read_csv
 
 UID = "StudyInstanceUID"
 
@@ -108,7 +109,7 @@ def make_folds(labels_df: pd.DataFrame, n_folds: int = 5, seed: int = 42) -> pd.
 def read_folds(path: str | os.PathLike) -> pd.DataFrame:
     """Read a folds CSV (``StudyInstanceUID,fold``), validating its columns and values."""
     path = Path(path)
-    frame = pd.read_csv(path, dtype={UID: str})
+    frame = read_csv(path, dtype={UID: str})
     if list(frame.columns[:2]) != [UID, "fold"]:
         raise FoldsError(f"{path}: expected columns StudyInstanceUID,fold, got {list(frame.columns)}")
     if frame["fold"].isna().any() or (frame["fold"] < 0).any():

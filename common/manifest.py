@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from common.labels import VERTEBRAE
+from common.tables import read_csv
 
 SCHEMA_VERSION = 1
 
@@ -59,7 +60,7 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.exists():
         raise ManifestError(f"{path}: manifest not found (run `make crops` first)")
-    df = pd.read_csv(path, keep_default_na=False, dtype={"crop_path": str, "study_uid": str})
+    df = read_csv(path, keep_default_na=False, dtype={"crop_path": str, "study_uid": str})
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
         raise ManifestError(f"{path}: missing columns {missing}")

@@ -33,6 +33,9 @@ BONE_HU = 150
 BONE_FRACTION_MIN = 0.45
 
 
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
 def load_nifti(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """Read a NIfTI file: (array in its stored dtype, scaling applied if set; RAS affine).
 
@@ -56,6 +59,9 @@ def save_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray,
         GeometryError: ``bad_affine`` when the affine is singular, or sheared (a qform cannot
             hold it, so qform and sform would disagree).
     """
+    from common.atomic import check_writable
+
+    check_writable(path, NIFTI_SUFFIXES)
     affine = np.asarray(affine, dtype=np.float64)
     geometry.check_affine(affine, str(path))
     rot = affine[:3, :3] / geometry.spacing_of(affine)
@@ -85,6 +91,8 @@ def load_rsna_mask(path: str | os.PathLike, thoracic: ThoracicMode = "background
         GeometryError: ``bad_affine``.
     """
     img = nib.load(str(path))
+    if len(img.shape) != 3:
+        raise ValueError(f"{path}: a mask must be 3-D, this one has shape {tuple(img.shape)}")
     affine = geometry.nifti_affine(img, where=str(path))
     raw = np.asanyarray(img.dataobj)
     return remap_rsna_mask(raw, thoracic, where=str(path)), affine
@@ -167,7 +175,7 @@ def alignment_qc(hu: np.ndarray, classes: np.ndarray, affine: np.ndarray) -> dic
     present = [int(c) for c in np.unique(classes[cervical])] if n else []
     qc["labels_present"] = present
     if n == 0:
-        qc["bone_fraction"] = None
+        qc.update(bone_fraction=None, median_hu=None, c1_above_c7=None)
         qc["flags"].append("empty_mask")
         return qc
     qc["bone_fraction"] = round(float((hu[cervical] >= BONE_HU).mean()), 4)

@@ -57,3 +57,27 @@ def die_with_parent(owner: int | None = None, poll_s: float = 0.2) -> None:
 def pool_initializer() -> tuple:
     """``initializer``/``initargs`` for a ``ProcessPoolExecutor`` made in this process."""
     return die_with_parent, (os.getpid(),)
+
+
+def worker_context(preload: list[str]):
+    """The multiprocessing context of every pool: forkserver on Linux (workers never inherit
+    the caller's torch/OpenMP threads), with ``preload`` imported once in the server so workers
+    start warm; spawn elsewhere.
+
+    A script read from standard input (``python - <<EOF``) or given with ``-c`` has no main
+    module file, yet ``__main__.__file__`` may be ``"<stdin>"``: every forkserver/spawn worker
+    would then try to run that path and print a ``FileNotFoundError`` traceback. Such a
+    non-file ``__file__`` is removed first, so the workers skip re-importing ``__main__``.
+    """
+    import multiprocessing
+
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if main is not None and path is not None and getattr(main, "__spec__", None) is None \
+            and not os.path.isfile(path):
+        del main.__file__
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(list(preload))
+        return ctx
+    return multiprocessing.get_context("spawn")

@@ -118,7 +118,9 @@ class _Validator:
         self.skipped: list[dict[str, str]] = list(scan.skipped)
 
     def fail(self, reason: str, evidence: str, file: str = "") -> SeriesError:
-        return SeriesError(self.study, file, reason, evidence)
+        """The rejection, naming the files skipped so far (a skipped slice is often the real
+        cause of a gap or of too few slices)."""
+        return SeriesError(self.study, file, reason, evidence + skipped_note(self.skipped))
 
     def drop(self, files: list[SliceHeader], reason: str) -> None:
         self.skipped.extend({"file": h.name, "reason": reason} for h in files)
@@ -337,7 +339,18 @@ class _Validator:
             self.reasons.append(code)
             self.repairs.append(f"{code}: {evidence}")
         self.repairs.append(f"resampled onto an orthogonal grid with {med:.4f} mm steps "
-                            "(linear, gaps and borders filled with -1024 HU)")
+                            "(linear, gaps and borders filled with -1024 HU)"
+                            + skipped_note(self.skipped))
+
+
+def skipped_note(skipped: list[dict[str, str]], most: int = 5) -> str:
+    """``"; skipped: 5.dcm (no_geometry), sub (not_a_file)"`` for an error message ("" if
+    none)."""
+    if not skipped:
+        return ""
+    names = ", ".join(f"{s['file']} ({s['reason']})" for s in skipped[:most])
+    more = f" and {len(skipped) - most} more" if len(skipped) > most else ""
+    return f"; {len(skipped)} file(s) skipped: {names}{more}"
 
 
 def plan_series(scan: ScanResult, lenient: bool = False,
@@ -358,9 +371,7 @@ def plan_series(scan: ScanResult, lenient: bool = False,
         raise v.fail(c.get("reason", "corrupt_file"),
                      f"{len(scan.corrupt)} unreadable file(s): {c['evidence']}", c["file"])
     if not scan.slices:
-        kinds = Counter(s["reason"] for s in scan.skipped)
-        raise v.fail("no_images", f"no usable CT slice among {scan.files_seen} files "
-                     f"(skipped: {dict(kinds)})")
+        raise v.fail("no_images", f"no usable CT slice among {scan.files_seen} files")
     slices = v.choose_series(scan.slices)
     slices = v.choose_geometry(slices)
     slices = v.check_bits(slices)

@@ -21,7 +21,6 @@ Shared by ``make crops`` (:mod:`cspine.train_crops`, stage-1 part over the train
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import time
 from collections import deque
@@ -105,13 +104,10 @@ def _load_task(task: StudyTask, lenient: bool, cache_dir: str | None, keep: bool
 
 
 def _context():
-    """forkserver on Linux: workers never inherit the parent's torch/OpenMP threads."""
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["numpy", "pydicom", "common.volume_cache",
-                                    "common.dicom_io"])
-        return ctx
-    return multiprocessing.get_context("spawn")
+    """:func:`common.procs.worker_context` with the loader's modules preloaded."""
+    from common.procs import worker_context
+
+    return worker_context(["numpy", "pydicom", "common.volume_cache", "common.dicom_io"])
 
 
 def iter_loaded(tasks: Iterable[StudyTask], lenient: bool = False,

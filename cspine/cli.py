@@ -62,9 +62,13 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     """The failures a command turns into one line and exit status 2 (anything else is a bug and
     keeps its traceback): OS errors (missing or unwritable paths, a full disk, permissions),
     value errors (bad input: ``SeriesError``, ``GeometryError``, malformed CSVs), runtime errors
-    (``PredictError``, a file that is not a checkpoint), truncated compressed files, and
-    nibabel's unreadable images."""
-    out: list[type[BaseException]] = [OSError, ValueError, RuntimeError, EOFError, MemoryError]
+    (``PredictError``), files that are not checkpoints (unpickling and zip errors), truncated
+    compressed files, and nibabel's unreadable images."""
+    import pickle
+    import zipfile
+
+    out: list[type[BaseException]] = [OSError, ValueError, RuntimeError, EOFError, MemoryError,
+                                      pickle.UnpicklingError, zipfile.BadZipFile]
     try:
         from nibabel.filebasedimages import ImageFileError
 

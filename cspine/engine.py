@@ -12,8 +12,12 @@ Every study goes through :class:`StudyEngine`, whoever asks::
    float64 model-grid and CT affines held in memory (nothing goes through a file and back);
 3. crops (:func:`stage1_segment.crops.crops_from_boxes`) with the crop settings stage 2 was
    trained with;
-4. stage 2 (:func:`stage2_classify.inference.score_crops`): fold models averaged, the
-   ``patient_overall`` rule and clip range of the run (:class:`cspine.models.ModelSpec`).
+4. the anatomy check of the stage-1 labels (:func:`stage1_segment.anatomy.check_anatomy`: C1..C7
+   in order down one column, adult sizes, on bone);
+5. stage 2 (:func:`stage2_classify.inference.score_crops`): fold models averaged, the
+   ``patient_overall`` rule and clip range of the run (:class:`cspine.models.ModelSpec`). A study
+   whose segmentation fails the anatomy check is not scored: its probabilities are the models'
+   training prior (clipped), ``probabilities_source`` says so, and the callers flag it.
 
 The engine writes nothing; its callers write the per-study outputs (mask NIfTI in the CT
 geometry, crops, probabilities, QC rows) once. The batch form (:mod:`cspine.batch`) maps it
@@ -51,7 +55,13 @@ class StudyResult:
         probabilities: target (C1..C7, patient_overall) → probability; None when stage 2 was
             not run (``score=False``).
         rule: the ``patient_overall`` rule used (None without stage 2).
-        timing_s: seconds per step (``stage1``, ``crops`` (boxes + crops), ``stage2``).
+        anatomy: the anatomy record (:func:`stage1_segment.anatomy.check_anatomy`: ``status``
+            ``ok`` | ``implausible_segmentation``, ``reasons``, per-vertebra ``vertebrae``).
+        probabilities_source: ``model``, or ``prior`` when the anatomy check failed (the
+            probabilities are then the training prior, not the models' output); None without
+            stage 2.
+        timing_s: seconds per step (``stage1``, ``crops`` (boxes + crops), ``anatomy``,
+            ``stage2``).
     """
 
     study_uid: str
@@ -62,7 +72,14 @@ class StudyResult:
     crop_status: dict[str, str]
     probabilities: dict[str, float] | None = None
     rule: str | None = None
+    anatomy: dict[str, Any] | None = None
+    probabilities_source: str | None = None
     timing_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def implausible(self) -> bool:
+        """Whether the anatomy check failed."""
+        return bool(self.anatomy) and self.anatomy["status"] == "implausible_segmentation"
 
     @property
     def found(self) -> list[str]:
@@ -78,6 +95,8 @@ class StudyResult:
             "probabilities": {t: float(self.probabilities[t]) for t in TARGETS}
             if self.probabilities is not None else None,
             "patient_overall_rule": self.rule,
+            "probabilities_source": self.probabilities_source,
+            "anatomy": self.anatomy,
             "vertebrae_found": self.found,
             "vertebrae_missing": [v for v in VERTEBRAE if v not in self.found],
             "crop_status": self.crop_status,
@@ -103,11 +122,14 @@ class StudyEngine:
         tta_flip: override of the stage-2 models' flip setting (None: as trained).
         resample_on_device: resample the model grid and the crops with torch on the networks'
             device (the volume crosses once) instead of SciPy on the CPU; None: on a GPU.
+        anatomy_limits: limits of the anatomy check (default :class:`AnatomyLimits`).
     """
 
     def __init__(self, stage1, crop_config, stage2: Sequence | None = None,
                  rule: str = "max", stacker=None, clip: tuple[float, float] = (1e-3, 1 - 1e-3),
-                 tta_flip: bool | None = None, resample_on_device: bool | None = None) -> None:
+                 tta_flip: bool | None = None, resample_on_device: bool | None = None,
+                 anatomy_limits=None) -> None:
+        from stage1_segment.anatomy import AnatomyLimits
         from stage2_classify.inference import ensemble_prior
 
         self.stage1 = stage1
@@ -119,18 +141,21 @@ class StudyEngine:
         self.tta_flip = tta_flip
         self.prior = ensemble_prior(self.stage2) if self.stage2 else None
         self.resample_on_device = resample_on_device
+        self.anatomy_limits = anatomy_limits or AnatomyLimits()
         self.load_seconds = 0.0
         self.spec = None  # the ModelSpec it was loaded from (from_spec)
 
     @classmethod
     def from_spec(cls, spec, device: str = "cpu", stage2: bool = True,
-                  tta_flip: bool | None = None) -> "StudyEngine":
+                  tta_flip: bool | None = None, anatomy_limits=None) -> "StudyEngine":
         """Load the models a :class:`cspine.models.ModelSpec` names onto ``device``.
 
         Raises:
             PredictError: a checkpoint that cannot be loaded (one line naming the source).
         """
+        import pickle
         import warnings
+        import zipfile
 
         from cspine.models import PredictError, one_line
         from stage1_segment.crops import crop_config
@@ -148,11 +173,14 @@ class StudyEngine:
                     model1 = load_model(spec.stage1, map_location=device)
                     models2 = load_models(spec.stage2, map_location=device) if stage2 else None
             stacker = Stacker.load(spec.stacker) if stage2 and spec.stacker else None
-        except (OSError, KeyError, RuntimeError, ValueError) as exc:
-            raise PredictError(one_line(f"cannot load the models from {spec.source}: {exc}")
+        except (OSError, KeyError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError,
+                zipfile.BadZipFile) as exc:  # missing, truncated or not a checkpoint
+            detail = exc if isinstance(exc, (ValueError, OSError)) else \
+                f"{type(exc).__name__}: {exc}"
+            raise PredictError(one_line(f"cannot load the models from {spec.source}: {detail}")
                                ) from None
         engine = cls(model1, crop_config(spec.crops), models2, rule=spec.rule, stacker=stacker,
-                     clip=spec.clip, tta_flip=tta_flip)
+                     clip=spec.clip, tta_flip=tta_flip, anatomy_limits=anatomy_limits)
         engine.load_seconds = time.perf_counter() - t0
         engine.spec = spec
         return engine
@@ -170,12 +198,13 @@ class StudyEngine:
         return str(next(self.stage1.parameters()).device)
 
     def run(self, volume: Volume, score: bool = True) -> StudyResult:
-        """The engine on one loaded volume (module docstring, steps 1–4).
+        """The engine on one loaded volume (module docstring, steps 1–5).
 
         Args:
             volume: the full-resolution CT (int16 HU (X, Y, Z), float64 affine).
             score: run stage 2 and the aggregation (False: stage 1, boxes and crops only).
         """
+        from stage1_segment.anatomy import check_anatomy
         from stage1_segment.boxes import vertebra_boxes
         from stage1_segment.crops import crops_from_boxes
         from stage1_segment.inference import segment_to_grid
@@ -191,15 +220,29 @@ class StudyEngine:
         crops, status = crops_from_boxes(volume, labels, grid_affine, boxes, self.crop_config,
                                          hu_device)
         timing["crops"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        anatomy = check_anatomy(labels, grid_affine, volume.hu, volume.affine,
+                                self.anatomy_limits)
+        timing["anatomy"] = time.perf_counter() - t0
         result = StudyResult(study_uid=volume.study_uid, grid_labels=labels,
                              grid_affine=grid_affine, boxes=boxes, crops=crops,
-                             crop_status=status, timing_s=timing)
+                             crop_status=status, anatomy=anatomy, timing_s=timing)
         if score:
             t0 = time.perf_counter()
-            result.probabilities = self.score(crops)
+            if result.implausible:  # never report the models' output on a nonsense segmentation
+                result.probabilities = self.prior_probabilities()
+                result.probabilities_source = "prior"
+            else:
+                result.probabilities = self.score(crops)
+                result.probabilities_source = "model"
             result.rule = self.rule
             timing["stage2"] = time.perf_counter() - t0
         return result
+
+    def prior_probabilities(self) -> dict[str, float]:
+        """The probabilities of a study with no usable crop (TARGETS): every vertebra at the
+        models' training prior, ``patient_overall`` by the run's rule, clipped like any study."""
+        return self.score({})
 
     def _on_device(self, volume: Volume):
         """``volume.hu`` on the networks' device when resampling there, else None."""

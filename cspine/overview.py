@@ -49,7 +49,8 @@ def _tint(gray: np.ndarray, labels: np.ndarray, alpha: float = 0.35) -> np.ndarr
 def render_overview(path: str | os.PathLike, volume: Volume, grid_mask: np.ndarray,
                     grid_affine: np.ndarray, probs: Mapping[str, float],
                     threshold: float, title: str = "",
-                    axial_points: Mapping[str, np.ndarray] | None = None) -> None:
+                    axial_points: Mapping[str, np.ndarray] | None = None,
+                    warning: str = "") -> None:
     """Write the overview PNG (atomically).
 
     Args:
@@ -60,6 +61,7 @@ def render_overview(path: str | os.PathLike, volume: Volume, grid_mask: np.ndarr
         probs: probability per target (C1..C7, patient_overall).
         threshold: flag vertebrae with p ≥ threshold.
         title: figure title (study name).
+        warning: shown in red under the title (e.g. an implausible segmentation), if any.
         axial_points: per flagged vertebra, a world point (RAS mm) whose axial slice to show
             (the slice of highest stage-2 saliency); vertebrae without one show their centre.
     """
@@ -100,14 +102,16 @@ def render_overview(path: str | os.PathLike, volume: Volume, grid_mask: np.ndarr
                                  _spread([c[1] for c in centres.values()], nz * sz * 0.055)):
         hot = v in flagged
         colour = "#d62728" if hot else COLOURS[VERTEBRAE.index(v)]
-        ax.annotate(f"{v} {probs.get(v, float('nan')):.2f}", xy=(y, z),
+        text = v if warning else f"{v} {probs.get(v, float('nan')):.2f}"  # no prior as a score
+        ax.annotate(text, xy=(y, z),
                     xytext=(ny * sy * 0.03, z_text), textcoords="data", va="center", fontsize=9,
                     color="white", fontweight="bold" if hot else "normal",
                     arrowprops={"arrowstyle": "-", "color": colour, "lw": 0.8},
                     bbox={"boxstyle": "round,pad=0.2", "alpha": 0.9, "linewidth": 0,
                           "facecolor": colour})
     missing = [v for v in VERTEBRAE if v not in present]
-    ax.set_title(f"sagittal (x={x_mid}); patient_overall {probs.get(OVERALL, float('nan')):.2f}"
+    overall = "withheld" if warning else f"{probs.get(OVERALL, float('nan')):.2f}"
+    ax.set_title(f"sagittal (x={x_mid}); patient_overall {overall}"
                  + (f"\nnot found: {', '.join(missing)}" if missing else ""), fontsize=9)
     ax.set_xlabel("anterior → posterior (mm)", fontsize=8)
     ax.set_ylabel("inferior → superior (mm)", fontsize=8)
@@ -130,11 +134,19 @@ def render_overview(path: str | os.PathLike, volume: Volume, grid_mask: np.ndarr
                    linewidths=1.2)
         ax.set_title(f"{v} p={probs[v]:.2f}, axial z={z} ({how})", fontsize=9)
         ax.set_axis_off()
-    if not flagged:
+    if not flagged and not warning:
         fig.axes[0].text(0.5, -0.1, f"no vertebra with p ≥ {threshold:.2f}",
                          transform=fig.axes[0].transAxes, ha="center", fontsize=9)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    bottom = 0.0
+    if warning:
+        import textwrap
+
+        lines = textwrap.wrap(warning, max(40, int(fig.get_figwidth() * 15)))
+        bottom = min(0.4, 0.03 + 0.2 * len(lines) / fig.get_figheight())
+        fig.text(0.5, 0.01, "\n".join(lines), ha="center", va="bottom", color="#d62728",
+                 fontsize=8, weight="bold")
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, pil_kwargs={"compress_level": 1})  # fast zlib level
     plt.close(fig)

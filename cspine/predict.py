@@ -12,7 +12,10 @@
 Outputs, written into a temporary sibling folder and moved into ``OUT`` only when complete:
 
 * ``probabilities.json``: ``probabilities`` (C1..C7, patient_overall), ``flagged`` vertebrae
-  (p ≥ threshold), vertebrae found by stage 1, timings (s), versions and the models used;
+  (p ≥ threshold), vertebrae found by stage 1, the ``anatomy`` check of the segmentation
+  (:mod:`stage1_segment.anatomy`; on ``implausible_segmentation`` the probabilities are the
+  models' prior, ``probabilities_source`` says so, and nothing is flagged), timings (s),
+  versions and the models used;
 * ``vertebrae_mask.nii.gz``: uint8 classes (0 background, 1..7 = C1..C7) on the input's own voxel
   grid with the input's affine, so it overlays the CT in ITK-SNAP / 3D Slicer;
 * ``overview.png``: see :mod:`cspine.overview`.
@@ -35,6 +38,7 @@ import numpy as np
 
 from common import geometry
 from common.labels import OVERALL, VERTEBRAE
+from common.nifti_io import NIFTI_SUFFIXES
 from cspine.engine import StudyEngine, StudyResult
 # ModelSpec and the two readers are re-exported: `from cspine.predict import models_from_work`.
 from cspine.models import (ModelSpec, PredictError, models_from_bundle,  # noqa: F401
@@ -43,7 +47,6 @@ from cspine.models import (ModelSpec, PredictError, models_from_bundle,  # noqa:
 #: Default probability above which a vertebra is "flagged" in the overview.
 DEFAULT_THRESHOLD = 0.5
 OUTPUT_FILES = ("probabilities.json", "vertebrae_mask.nii.gz", "overview.png")
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
 def load_input(path: str | os.PathLike, lenient: bool = False):
@@ -189,7 +192,8 @@ def predict_study(study: str | os.PathLike, out_dir: str | os.PathLike, engine: 
     original_affine, original_shape = _input_geometry(volume)
     mask, method = geometry.labels_to_grid(result.grid_labels, result.grid_affine,
                                            original_affine, original_shape)
-    flagged = [v for v in VERTEBRAE if probs[v] >= threshold]
+    # the prior of an implausible segmentation says nothing about this study: nothing is flagged
+    flagged = [] if result.implausible else [v for v in VERTEBRAE if probs[v] >= threshold]
     t0 = time.perf_counter()
     # an exported (ONNX) bundle has no gradients: centre slices
     points = saliency_points(engine.stage2, result.crops, flagged) \
@@ -224,7 +228,8 @@ def predict_study(study: str | os.PathLike, out_dir: str | os.PathLike, engine: 
         save_nifti(tmp / "vertebrae_mask.nii.gz", mask.astype(np.uint8), original_affine)
         t0 = time.perf_counter()
         render_overview(tmp / "overview.png", volume, result.grid_labels, result.grid_affine,
-                        probs, threshold, title=volume.study_uid, axial_points=points)
+                        probs, threshold, title=volume.study_uid, axial_points=points,
+                        warning=implausible_warning(result.anatomy))
         doc["timing_s"]["overview"] = round(time.perf_counter() - t0, 3)
         doc["timing_s"]["total"] = round(time.perf_counter() - t_start, 3)
         (tmp / "probabilities.json").write_text(json.dumps(doc, indent=2) + "\n")
@@ -263,10 +268,23 @@ def _publish(tmp: Path, out_dir: Path) -> None:
         os.replace(tmp / name, out_dir / name)
 
 
+def implausible_warning(anatomy: dict[str, Any] | None, most: int = 3) -> str:
+    """One line on a segmentation that failed the anatomy check ("" when it passed)."""
+    if not anatomy or anatomy["status"] != "implausible_segmentation":
+        return ""
+    reasons = anatomy["reasons"]
+    more = f" (+{len(reasons) - most} more)" if len(reasons) > most else ""
+    return (f"{anatomy['status']}: {'; '.join(reasons[:most])}{more} - probabilities are the "
+            f"models' prior, not their output")
+
+
 def format_result(doc: dict[str, Any], out_dir: str | os.PathLike) -> str:
     """The printed summary of one prediction."""
     p = doc["probabilities"]
     lines = [f"study {doc['study']}: vertebrae found {','.join(doc['vertebrae_found']) or 'none'}"]
+    warning = implausible_warning(doc.get("anatomy"))
+    if warning:
+        lines.append(f"WARNING: {warning} (all reasons: probabilities.json anatomy)")
     lines.append("  ".join(f"{t}={p[t]:.3f}" for t in VERTEBRAE))
     lines.append(f"patient_overall={p[OVERALL]:.3f} ({doc['patient_overall_rule']}); flagged "
                  f"(p >= {doc['threshold']}): {', '.join(doc['flagged']) or 'none'}")

@@ -14,9 +14,10 @@ Outputs:
   ``probabilities.json`` has the current models' key is not run again;
 * ``$WORK/submission.csv``: exactly the rows ``test.csv`` (else ``sample_submission.csv``) lists,
   in its order, whatever subset of the eight types it asks for; a study that could not be run
-  (no images, unreadable series) gets the models' prior and is flagged;
-* ``$WORK/stage2/submit_qc.csv`` (one row per test study: status, crops used, ``volume`` =
-  decoded / done, seconds) and ``$WORK/stage2/submit_timing.json``.
+  (no images, unreadable series) or whose segmentation fails the anatomy check
+  (:mod:`stage1_segment.anatomy`) gets the models' prior and is flagged;
+* ``$WORK/stage2/submit_qc.csv`` (one row per test study: status, crops used, anatomy status
+  and reasons, ``volume`` = decoded / done, seconds) and ``$WORK/stage2/submit_timing.json``.
 
 ``--shard i/N`` (or ``auto`` under Slurm arrays / torchrun) runs one share of the studies and
 writes only their folders; a run without ``--shard`` then merges them into the submission.
@@ -55,7 +56,7 @@ def test_tasks(data_root: Path) -> tuple[list[str], list[StudyTask]]:
     return rows, tasks
 
 
-def models_key(spec) -> str:
+def models_key(spec, anatomy_limits=None) -> str:
     """Id of everything that decides a study's probabilities: checkpoints, crops, rule, clip."""
     import hashlib
 
@@ -65,13 +66,18 @@ def models_key(spec) -> str:
              json.dumps([float(c) for c in spec.clip]), json.dumps(spec.crops, sort_keys=True)]
     if spec.stacker:
         parts.append(hashlib.sha1(Path(spec.stacker).read_bytes()).hexdigest())
+    if anatomy_limits is not None:
+        parts.append(json.dumps(anatomy_limits.to_json(), sort_keys=True))
     return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
 
 
-def study_status(found: int, fields: dict[str, Any] | None = None) -> str:
-    """QC status of one test study: ok, partial (some vertebrae on the prior) or prior."""
+def study_status(found: int, fields: dict[str, Any] | None = None, anatomy: str = "ok") -> str:
+    """QC status of one test study: ok, partial (some vertebrae on the prior) or prior (a
+    study that could not be run, or whose segmentation failed the anatomy check)."""
     if fields is not None:
         return f"prior:{fields.get('reason')}"
+    if anatomy == "implausible_segmentation":
+        return f"prior:{anatomy}"
     if found == 0:
         return "prior:no_vertebra_found"
     return "ok" if found == len(VERTEBRAE) else f"partial:{len(VERTEBRAE) - found}_vertebrae_prior"
@@ -98,12 +104,14 @@ def worse_than_prior(work: Path, rule: str) -> str:
 def submit(work: str | os.PathLike, data_root: str | os.PathLike, rule: str | None = None,
            clip: tuple[float, float] | None = None, out: str | os.PathLike | None = None,
            jobs: int = 2, shard: tuple[int, int] | None = None, device: str = "cpu",
-           tta_flip: bool | None = None, progress: bool = True, if_worse: str = "refuse"):
+           tta_flip: bool | None = None, progress: bool = True, if_worse: str = "refuse",
+           anatomy_limits=None):
     """Run the engine over the test studies and write the submission (module docstring).
 
     ``if_worse``: what to do when the rule does not beat the constant prior out of fold —
     ``refuse`` (raise, nothing written), ``go-on`` (submit the model anyway, with a warning) or
     ``prior`` (submit the models' prior for every study, no study is run).
+    ``anatomy_limits``: :class:`stage1_segment.anatomy.AnatomyLimits` (None: the defaults).
 
     Returns:
         the submission frame (``row_id, fractured``), or None for a shard.
@@ -128,8 +136,9 @@ def submit(work: str | os.PathLike, data_root: str | os.PathLike, rule: str | No
         print(f"WARNING: {worse}; " + ("submitting it anyway (--if-worse-than-prior go-on)"
                                        if if_worse == "go-on" else
                                        "submitting the prior (--if-worse-than-prior prior)"))
-    engine = StudyEngine.from_spec(spec, device=device, tta_flip=tta_flip)
-    key = models_key(spec)
+    engine = StudyEngine.from_spec(spec, device=device, tta_flip=tta_flip,
+                                   anatomy_limits=anatomy_limits)
+    key = models_key(spec, engine.anatomy_limits)
     row_ids, tasks = test_tasks(data_root)
     mine = select_shard(tasks, shard)
     predict_dir = work / "predict"
@@ -156,8 +165,11 @@ def submit(work: str | os.PathLike, data_root: str | os.PathLike, rule: str | No
         mask, _ = geometry.labels_to_grid(result.grid_labels, result.grid_affine,
                                           volume.affine, volume.shape)
         save_nifti(folder / "vertebrae_mask.nii.gz", mask, volume.affine)
-        qc = {"StudyInstanceUID": task.uid, "status": study_status(len(result.found)),
-              "crops_used": len(result.found),
+        anatomy = result.anatomy["status"]
+        qc = {"StudyInstanceUID": task.uid,
+              "status": study_status(len(result.found), anatomy=anatomy),
+              "crops_used": 0 if result.implausible else len(result.found),
+              "anatomy": anatomy, "anatomy_reasons": "; ".join(result.anatomy["reasons"]),
               **{f"{k}_s": round(v, 3) for k, v in result.timing_s.items()}}
         doc = {**result.to_json(volume), "models_key": key, "qc": qc,
                "input_qc": {k: volume.qc.get(k) for k in ("status", "reasons", "repairs",
@@ -167,7 +179,7 @@ def submit(work: str | os.PathLike, data_root: str | os.PathLike, rule: str | No
         return qc
 
     def on_failure(task: StudyTask, fields: dict[str, Any]) -> dict[str, Any]:
-        probs[task.uid] = engine.score({})  # the prior, aggregated and clipped like any study
+        probs[task.uid] = engine.prior_probabilities()
         return {"StudyInstanceUID": task.uid, "status": study_status(0, fields), "crops_used": 0,
                 "errors": f"{fields.get('reason')}: {fields.get('message')}"}
 
@@ -201,7 +213,9 @@ def submit(work: str | os.PathLike, data_root: str | os.PathLike, rule: str | No
         "seconds_per_study_median": float(np.median(secs)) if len(secs) else 0.0,
         "volumes": qc_frame["volume"].value_counts().to_dict() if len(qc_frame) else {},
         "studies_on_prior": int(qc_frame["status"].str.startswith("prior").sum())
-        if len(qc_frame) else 0})
+        if len(qc_frame) else 0,
+        "studies_implausible": int((qc_frame.get("anatomy", pd.Series(dtype=str))
+                                    == "implausible_segmentation").sum())})
     flagged = qc_frame[qc_frame["status"] != "ok"] if len(qc_frame) else qc_frame
     print(f"wrote {out}: {len(sub)} rows, {len(tasks)} studies, {len(engine.stage2)} fold "
           f"models, rule={spec.rule}; {len(flagged)} studies flagged in "

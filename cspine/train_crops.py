@@ -165,6 +165,8 @@ def make_crops(data_root: str | os.PathLike, work_dir: str | os.PathLike, cfg,
         qc: dict[str, Any] = {"study_uid": task.uid, "split": task.split, "status": "ok",
                               "found": len(result.found),
                               "missing": ";".join(v for v in VERTEBRAE if v not in result.found),
+                              "anatomy": result.anatomy["status"],
+                              "anatomy_reasons": "; ".join(result.anatomy["reasons"]),
                               "stage1_run": run, **{f"{k}_s": round(v, 3)
                                                     for k, v in result.timing_s.items()}}
         truth = _grid_truth(work_dir, settings, task.uid, result.grid_affine,

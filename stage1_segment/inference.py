@@ -28,10 +28,13 @@ _STRUCTURE = np.ones((3, 3, 3), dtype=bool)
 def load_model(ckpt_path: str | os.PathLike, map_location: str | torch.device = "cpu"
                ) -> Stage1Module:
     """Rebuild a trained :class:`Stage1Module` (network from its saved config) in eval mode."""
+    from common.checkpoints import unreadable_checkpoint
+
     with warnings.catch_warnings():  # the rebuilt net is passed back to __init__: expected
         warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`.*")
-        model = Stage1Module.load_from_checkpoint(str(ckpt_path), map_location=map_location,
-                                                  weights_only=False)
+        with unreadable_checkpoint(ckpt_path):
+            model = Stage1Module.load_from_checkpoint(str(ckpt_path), map_location=map_location,
+                                                      weights_only=False)
     return model.eval()
 
 

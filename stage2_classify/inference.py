@@ -38,8 +38,11 @@ def instantiate_net(config: dict) -> torch.nn.Module:
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> CropClassifier:
     """Rebuild a :class:`CropClassifier` from a stage-2 checkpoint (eval mode)."""
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    if "net_config" not in ckpt:
+    from common.checkpoints import unreadable_checkpoint
+
+    with unreadable_checkpoint(path):
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    if not isinstance(ckpt, dict) or "net_config" not in ckpt:
         raise ValueError(f"{path}: not a stage-2 checkpoint (no net_config); train with "
                          f"`python -m stage2_classify fit`")
     hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}

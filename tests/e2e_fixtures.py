@@ -17,6 +17,16 @@ STAGE1 = ["-c", str(REPO / "configs/stage1/cpu.yaml"),
           "-c", str(REPO / "configs/smoke/stage1.yaml")]
 STAGE2 = ["-c", str(REPO / "configs/stage2/cpu.yaml"),
           "-c", str(REPO / "configs/smoke/pipeline_stage2.yaml")]
+#: The anatomy check off: the smoke runs' one-epoch stage-1 models segment at random, and tests
+#: that compare the models' outputs need them scored (tests/test_anatomy.py tests the check on).
+ANATOMY_OFF = ["--anatomy-limits", str(REPO / "configs/smoke/anatomy_off.yaml")]
+
+
+def anatomy_off():
+    """:class:`stage1_segment.anatomy.AnatomyLimits` with the check off (see ANATOMY_OFF)."""
+    from stage1_segment.anatomy import AnatomyLimits
+
+    return AnatomyLimits(check=False)
 _RUNS: dict[str, Path] = {}
 WANDB_ENV = ("WANDB_MODE", "WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR",
              "WANDB_SILENT", "WANDB_RUN_ID")

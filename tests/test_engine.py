@@ -19,11 +19,11 @@ import pytest
 
 from common import geometry
 from common.labels import TARGETS, VERTEBRAE
-from e2e_fixtures import trained_run
+from e2e_fixtures import ANATOMY_OFF, anatomy_off, trained_run
 
 REPO = Path(__file__).resolve().parents[1]
 #: the few-step tiny models may or may not beat the constant prior; these tests are about paths
-GO_ON = ["--if-worse-than-prior", "go-on"]
+GO_ON = ["--if-worse-than-prior", "go-on", *ANATOMY_OFF]
 
 
 @pytest.fixture(scope="session")
@@ -35,13 +35,14 @@ def _engine(work: Path):
     from cspine.engine import StudyEngine
     from cspine.models import models_from_work
 
-    return StudyEngine.from_spec(models_from_work(work))
+    return StudyEngine.from_spec(models_from_work(work), anatomy_limits=anatomy_off())
 
 
 def _predict_cli(study: Path, work: Path, out: Path) -> dict:
     from cspine.cli import main
 
-    assert main(["predict", str(study), "--out", str(out), "--work", str(work)]) == 0
+    assert main(["predict", str(study), "--out", str(out), "--work", str(work),
+                 *ANATOMY_OFF]) == 0
     return json.loads((out / "probabilities.json").read_text())
 
 
@@ -270,6 +271,30 @@ def test_parse_shard(monkeypatch):
     assert parse_shard("auto") == (1, 2)
     tasks = [StudyTask(str(i), "test", "") for i in range(5)]
     assert [t.uid for t in select_shard(tasks, (1, 2))] == ["1", "3"]
+
+
+def test_submit_on_a_synthetic_set_written_in_the_public_test_csv_shape(trained_work, tmp_path):
+    """`cspine synth --test-types C1,patient_overall --test-without-images 2` writes the subset
+    shape; submit answers exactly its rows, the two imageless studies on the prior."""
+    from common.synth import generate
+    from cspine.cli import main
+
+    data = generate(tmp_path / "data", preset="tiny", seed=5, n_train=2, n_test=2,
+                    test_types=("C1", "patient_overall"), test_without_images=2, progress=False)
+    test = pd.read_csv(data / "test.csv", dtype=str)
+    assert set(test["prediction_type"]) == {"C1", "patient_overall"} and len(test) == 8
+    folders = {p.name for p in (data / "test_images").iterdir()}
+    ghosts = sorted(set(test["StudyInstanceUID"]) - folders)
+    assert len(ghosts) == 2
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in ("stage1", "stage2", "metrics.json"):
+        os.symlink(trained_work / name, work / name)
+    assert main(["submit", str(data), "--work", str(work), *GO_ON]) == 0
+    sub = pd.read_csv(work / "submission.csv", dtype={"row_id": str})
+    assert sub["row_id"].tolist() == test["row_id"].tolist()
+    qc = pd.read_csv(work / "stage2" / "submit_qc.csv").set_index("StudyInstanceUID")
+    assert (qc.loc[ghosts, "status"] == "prior:no_images").all()
 
 
 def test_submit_writes_exactly_the_rows_test_csv_asks_for(trained_work, tiny_data, tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from common.labels import TARGETS
-from e2e_fixtures import trained_run
+from e2e_fixtures import ANATOMY_OFF, anatomy_off, trained_run
 
 
 @pytest.fixture(scope="session")
@@ -33,7 +33,7 @@ def test_engine_equals_the_plain_path(trained_work, tiny_data):
     from cspine.models import models_from_work
     from cspine.reference import plain_run
 
-    engine = StudyEngine.from_spec(models_from_work(trained_work))
+    engine = StudyEngine.from_spec(models_from_work(trained_work), anatomy_limits=anatomy_off())
     for study in _test_studies(tiny_data):
         volume = load_series(study)
         fast = engine.run(volume)
@@ -58,8 +58,10 @@ def test_onnx_bundle_gives_the_checkpoints_probabilities(trained_work, tiny_data
     for study in _test_studies(tiny_data)[:2]:
         a = tmp_path / "ckpt" / study.name
         b = tmp_path / "onnx" / study.name
-        assert main(["predict", str(study), "--out", str(a), "--work", str(trained_work)]) == 0
-        assert main(["predict", str(study), "--out", str(b), "--bundle", str(bundle)]) == 0
+        assert main(["predict", str(study), "--out", str(a), "--work", str(trained_work),
+                     *ANATOMY_OFF]) == 0
+        assert main(["predict", str(study), "--out", str(b), "--bundle", str(bundle),
+                     *ANATOMY_OFF]) == 0
         pa = json.loads((a / "probabilities.json").read_text())
         pb = json.loads((b / "probabilities.json").read_text())
         for t in TARGETS:
@@ -79,8 +81,8 @@ def test_resampling_on_the_device_path_gives_the_same_results(trained_work, tiny
     from cspine.models import models_from_work
 
     spec = models_from_work(trained_work)
-    cpu = StudyEngine.from_spec(spec)
-    dev = StudyEngine.from_spec(spec)
+    cpu = StudyEngine.from_spec(spec, anatomy_limits=anatomy_off())
+    dev = StudyEngine.from_spec(spec, anatomy_limits=anatomy_off())
     dev.resample_on_device = True
     for study in _test_studies(tiny_data):
         volume = load_series(study)

@@ -129,3 +129,46 @@ def test_check_data_decode_finishes_a_batch_with_a_65535_header(tmp_path):
     qc = pd.read_csv(out).set_index("study")
     assert len(qc) == 3 and qc.loc[ids[1], "reasons"] == "implausible_size"
     assert (qc.loc[[ids[0], ids[2]], "status"] == "ok").all()
+
+
+@pytest.mark.parametrize("case, reason", [
+    ("no_position", "no_geometry"), ("folder", "not_a_file"), ("dangling_link", "broken_link"),
+    ("link_loop", "broken_link")])
+def test_every_skipped_entry_is_named_in_the_error_and_the_qc(tmp_path, case, reason):
+    """A slice without a position, or a folder / dangling or looping link where 3.dcm was: the
+    gap error names the skipped entry and why, and lenient's repair record lists it."""
+    import os
+
+    study = _series(tmp_path / "s")
+    victim = study / "3.dcm"
+    if case == "no_position":
+        _edit(victim, ImagePositionPatient=None)
+    else:
+        victim.unlink()
+        if case == "folder":
+            victim.mkdir()
+        elif case == "dangling_link":
+            os.symlink(tmp_path / "nowhere.dcm", victim)
+        else:
+            os.symlink(victim, victim)
+    err = _reason(study)
+    assert err.reason == "gap" and f"3.dcm ({reason})" in str(err)
+    vol = load_series(study, lenient=True, workers=1)
+    assert {"file": "3.dcm", "reason": reason} in vol.qc["files_skipped"]
+    assert any(f"3.dcm ({reason})" in r for r in vol.qc["repairs"])
+
+
+@pytest.mark.parametrize("damage, reason", [("random_bytes", "corrupt_file"),
+                                            ("nan_position", "bad_geometry")])
+def test_a_damaged_slice_is_refused_naming_it(tmp_path, damage, reason):
+    """Random bytes named 3.dcm, or a NaN position, are refused as what they are (not as a gap or
+    a duplicate of another file)."""
+    study = _series(tmp_path / "s")
+    victim = study / "3.dcm"
+    if damage == "random_bytes":
+        victim.write_bytes(np.random.default_rng(0).bytes(3000))
+    else:
+        _edit(victim, ImagePositionPatient=["nan", "0", "0"])
+    for lenient in (False, True):
+        err = _reason(study, lenient)
+        assert err.reason == reason and err.file == "3.dcm", str(err)

@@ -18,7 +18,7 @@ import pytest
 
 from common.labels import TARGETS
 from cspine.cli import main as cspine_main
-from e2e_fixtures import trained_run
+from e2e_fixtures import ANATOMY_OFF, trained_run
 
 
 
@@ -53,7 +53,7 @@ def test_predict_synthetic_study(trained_work, tiny_data, tmp_path, capsys):
     study = sorted((tiny_data / "test_images").iterdir())[0]
     out = tmp_path / "pred"
     assert cspine_main(["predict", str(study), "--out", str(out), "--work", str(trained_work),
-                        "--threshold", "0.0", "--threads", "1", "--saliency"]) == 0
+                        "--threshold", "0.0", "--threads", "1", "--saliency", *ANATOMY_OFF]) == 0
     printed = capsys.readouterr().out
     assert "time:" in printed and "patient_overall=" in printed
     volume = load_series(study)
@@ -78,7 +78,7 @@ def test_predict_synthetic_study(trained_work, tiny_data, tmp_path, capsys):
     # a second run into the same folder replaces the outputs and leaves no temp folder;
     # without --saliency the flagged vertebrae show their centre slices
     assert cspine_main(["predict", str(study), "--out", str(out), "--work",
-                        str(trained_work), "--threshold", "0.0"]) == 0
+                        str(trained_work), "--threshold", "0.0", *ANATOMY_OFF]) == 0
     again = json.loads((out / "probabilities.json").read_text())
     assert again["overview"]["axial_points_mm"] == {}
     assert again["probabilities"] == doc["probabilities"]

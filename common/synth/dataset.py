@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import shutil
-import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Iterable
@@ -26,7 +25,7 @@ from tqdm.auto import tqdm
 
 from common.atomic import write_csv as _write_csv
 from common.atomic import write_json
-from common.labels import OVERALL, TARGETS, VERTEBRAE
+from common.labels import OVERALL, VERTEBRAE
 from common.synth.plan import StudyImage, StudyPlan, fracture_boxes, plan_studies, render_study
 from common.synth.presets import SynthConfig, config_from_dict, make_config
 from common.synth.writer import write_mask, write_series
@@ -84,7 +83,7 @@ def generate(out_dir: str | Path, preset: str = "tiny", seed: int = 0, overwrite
     if failures:
         raise RuntimeError(f"{len(failures)} synthetic studies failed (re-run to retry):\n"
                            + "\n".join(failures))
-    _write_tables(out, plans, state["complete"])
+    _write_tables(out, plans, state["complete"], cfg)
     state["finished"] = True
     write_json(out / STATE, state)
     return out
@@ -97,6 +96,9 @@ def _open_state(out: Path, cfg: SynthConfig, overwrite: bool) -> dict[str, Any]:
     if path.exists():
         state = json.loads(path.read_text())
         old = state.get("config", {})
+        # fields added since the dataset was written: their defaults reproduce the old data
+        defaults = SynthConfig().identity()
+        old = {**{k: v for k, v in defaults.items() if k not in old}, **old}
         diff = sorted(k for k in set(old) | set(fresh["config"])
                       if old.get(k) != fresh["config"].get(k))
         for key in ("version", "generator"):
@@ -153,13 +155,10 @@ def _run(cfg: SynthConfig, out: Path, todo: list[StudyPlan], progress: bool
 
 
 def _mp_context() -> multiprocessing.context.BaseContext:
-    """Workers that never inherit the caller's threads (torch, OpenMP): forkserver on Linux,
-    with this module imported once in the server so workers start warm; spawn elsewhere."""
-    if sys.platform.startswith("linux"):
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["common.synth.dataset"])
-        return ctx
-    return multiprocessing.get_context("spawn")
+    """:func:`common.procs.worker_context` with this module preloaded."""
+    from common.procs import worker_context
+
+    return worker_context(["common.synth.dataset"])
 
 
 def write_study(cfg: SynthConfig, plan: StudyPlan, out: Path) -> dict[str, Any]:
@@ -190,15 +189,24 @@ def study_record(plan: StudyPlan, image: StudyImage) -> dict[str, Any]:
     }
 
 
-def _write_tables(out: Path, plans: list[StudyPlan], records: dict[str, dict[str, Any]]) -> None:
+def without_images_uids(plans: list[StudyPlan], n: int) -> list[str]:
+    """UIDs of ``n`` test.csv studies without images: after the largest generated suffix."""
+    top = max(int(p.uid.rsplit(".", 1)[1]) for p in plans)
+    prefix = plans[0].uid.rsplit(".", 1)[0]
+    return [f"{prefix}.{top + 1 + i}" for i in range(n)]
+
+
+def _write_tables(out: Path, plans: list[StudyPlan], records: dict[str, dict[str, Any]],
+                  cfg: SynthConfig) -> None:
     train = [p for p in plans if p.split == "train"]
     test = [p for p in plans if p.split == "test"]
     label_cols = [OVERALL, *VERTEBRAE]
     write_csv(out / "train.csv", pd.DataFrame(
         [{"StudyInstanceUID": p.uid, **{c: p.labels[c] for c in label_cols}} for p in train],
         columns=["StudyInstanceUID", *label_cols]))
-    rows = [{"row_id": f"{p.uid}_{t}", "StudyInstanceUID": p.uid, "prediction_type": t}
-            for p in test for t in TARGETS]
+    listed = [p.uid for p in test] + without_images_uids(plans, cfg.test_without_images)
+    rows = [{"row_id": f"{uid}_{t}", "StudyInstanceUID": uid, "prediction_type": t}
+            for uid in listed for t in cfg.test_types]
     write_csv(out / "test.csv",
               pd.DataFrame(rows, columns=["row_id", "StudyInstanceUID", "prediction_type"]))
     write_csv(out / "sample_submission.csv", pd.DataFrame(

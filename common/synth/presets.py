@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from common.labels import OVERALL, PREVALENCE, VERTEBRAE
+from common.labels import OVERALL, PREVALENCE, TARGETS, VERTEBRAE
 
 #: Median z spacing from IPP (mm) → number of RSNA train studies (RSNA_FACTS.md §3.5, the 17
 #: "other" studies left out). Synthetic studies draw their spacing from this table, times the
@@ -59,6 +59,11 @@ class SynthConfig:
         noise_hu: (min, max) standard deviation of the Gaussian image noise per study (HU).
         workers: processes used to write studies (results do not depend on it).
         uid_base: first numeric suffix of the study UIDs ``1.2.826.0.1.3680043.<n>``.
+        test_types: the prediction types ``test.csv`` / ``sample_submission.csv`` ask for per
+            test study (default all eight; e.g. ``("C1",)`` for the shape of the real public
+            test.csv, or C1..C7 only).
+        test_without_images: extra studies listed in ``test.csv`` that have no folder under
+            ``test_images/`` (the real public test.csv lists three such studies).
     """
 
     preset: str = "tiny"
@@ -84,6 +89,8 @@ class SynthConfig:
     noise_hu: tuple[float, float] = (8.0, 25.0)
     workers: int = 2
     uid_base: int = 10000
+    test_types: tuple[str, ...] = TARGETS
+    test_without_images: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict (tuples become lists)."""
@@ -122,6 +129,12 @@ class SynthConfig:
                              "positive study has at least one fractured vertebra)")
         if self.workers < 1:
             raise ValueError("workers must be >= 1")
+        bad = [t for t in self.test_types if t not in TARGETS]
+        if not self.test_types or bad or len(set(self.test_types)) != len(self.test_types):
+            raise ValueError(f"test_types {list(self.test_types)} must be distinct names among "
+                             f"{', '.join(TARGETS)}")
+        if self.test_without_images < 0:
+            raise ValueError("test_without_images must be >= 0")
 
 
 PRESETS: dict[str, SynthConfig] = {

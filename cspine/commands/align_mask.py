@@ -38,6 +38,12 @@ def run(args: argparse.Namespace) -> int:
     from common.labels import UnexpectedLabelError
     from common.nifti_io import align_mask, save_nifti
 
+    from common.atomic import check_writable
+    from common.nifti_io import NIFTI_SUFFIXES
+
+    check_writable(args.out, NIFTI_SUFFIXES)  # before any work: a bad path leaves nothing
+    if args.qc:
+        check_writable(args.qc)
     try:
         vol = load_series(args.study_dir, lenient=args.lenient, workers=args.workers)
         classes, qc = align_mask(vol, args.mask, thoracic=args.thoracic, lenient=args.lenient)

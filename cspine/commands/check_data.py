@@ -73,10 +73,11 @@ def _jobs(root: Path, decode: bool, limit: int | None) -> list[tuple[str, str, b
 
 def _layout_problems(root: Path) -> list[dict[str, Any]]:
     from common.dataset import DatasetError, RSNADataset
+    from common.tables import TableError
 
     try:
         problems = RSNADataset(root).problems()
-    except DatasetError as err:
+    except (DatasetError, TableError) as err:  # e.g. a train.csv that is not a table
         return [{"kind": "dataset_error", "study": "-", "detail": str(err)}]
     return [{"kind": p.kind, "study": p.study, "detail": p.detail} for p in problems]
 
@@ -117,15 +118,20 @@ def run(args: argparse.Namespace) -> int:
     import pandas as pd
     from tqdm import tqdm
 
-    from common.atomic import write_csv
+    from common.atomic import check_writable, write_csv
     from common.dicom_decode import default_workers, mp_context
 
+    check_writable(args.out)  # before the scan: an unwritable --out must not waste it
     root = Path(args.data_dir)
     if not root.is_dir() or not any((root / d).is_dir() for d in ("train_images",
                                                                     "test_images")):
         print(f"cspine check-data: error: {root} is not an RSNA-layout folder (no train_images/ "
               "or test_images/)", file=sys.stderr)
         return 2
+    problems = _layout_problems(root)  # first: a broken table is reported without waiting
+    for p in problems:
+        if p["kind"] == "dataset_error":
+            print(f"cspine check-data: warning: {p['detail']}", file=sys.stderr)
     jobs = _jobs(root, args.decode, args.limit)
     workers = default_workers() if args.workers is None else max(1, args.workers)
     rows: list[dict[str, Any]] = []
@@ -147,7 +153,6 @@ def run(args: argparse.Namespace) -> int:
             rows.append(census_study(job))
             bar.update()
     bar.close()
-    problems = _layout_problems(root)
     for p in problems:
         if p["kind"] in ("label_without_folder", "test_listed_without_folder"):
             rows.append({"split": "train" if p["kind"].startswith("label") else "test",

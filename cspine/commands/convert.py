@@ -34,6 +34,12 @@ def run(args: argparse.Namespace) -> int:
     from common.geometry import GeometryError
     from common.nifti_io import save_nifti
 
+    from common.atomic import check_writable
+    from common.nifti_io import NIFTI_SUFFIXES
+
+    check_writable(args.out, NIFTI_SUFFIXES)  # before any work: a bad path leaves nothing
+    if args.qc:
+        check_writable(args.qc)
     try:
         vol = load_series(args.study_dir, lenient=args.lenient, workers=args.workers)
     except SeriesError as err:

@@ -19,7 +19,10 @@ DESCRIPTION = (
     "view with every vertebra labelled with its probability, plus the axial slice through each "
     "flagged vertebra). Models: --work (a training folder, default work/demo), --bundle (from "
     "`cspine export-bundle`) or explicit --stage1-ckpt/--stage2-ckpt. Outputs appear only when "
-    "complete. Exit status 2 on bad input (one-line error), 0 on success.")
+    "complete. A segmentation that fails the anatomy check (C1-C7 in order down one column, adult "
+    "sizes, on bone) is reported as implausible_segmentation with its reasons, and the "
+    "probabilities are the models' prior, not their output. Exit status 2 on bad input "
+    "(one-line error), 0 on success.")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "a CPU for DenseNet121) instead of its centre slice")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice)")
+    from stage1_segment.anatomy import add_limits_argument
+
+    add_limits_argument(parser)
 
 
 def _spec(args: argparse.Namespace):
@@ -84,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
 
     from cspine.engine import StudyEngine
     from cspine.predict import PredictError, format_result, load_input, predict_study
+    from stage1_segment.anatomy import limits_from_args
 
     t0 = time.perf_counter()
     try:
@@ -92,12 +99,14 @@ def run(args: argparse.Namespace) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         spec = _spec(args)
+        limits = limits_from_args(args)
         # the models load in a thread while the study decodes (in the decoder's processes)
         loaded: dict = {}
 
         def load_models() -> None:
             try:
-                loaded["engine"] = StudyEngine.from_spec(spec, device=args.device)
+                loaded["engine"] = StudyEngine.from_spec(spec, device=args.device,
+                                                          anatomy_limits=limits)
             except BaseException as exc:  # noqa: BLE001 — re-raised in the main thread
                 loaded["error"] = exc
 

@@ -54,16 +54,15 @@ def _check_rows(solution, sub) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import pandas as pd
-
     from common.labels import TARGETS
     from common.metric import (MetricInputError, as_wide, auc_per_target, competition_loss,
                                submission_to_wide)
+    from common.tables import TableError, read_csv
 
     try:
-        solution = as_wide(pd.read_csv(args.solution, dtype={"StudyInstanceUID": str}),
+        solution = as_wide(read_csv(args.solution, dtype={"StudyInstanceUID": str}),
                            args.solution)
-        sub = pd.read_csv(args.submission, dtype={"row_id": str})
+        sub = read_csv(args.submission, dtype={"row_id": str})
         for col in ("row_id", "fractured"):
             if col not in sub.columns:
                 raise MetricInputError(f"{args.submission}: no column {col!r} (has "
@@ -76,8 +75,7 @@ def run(args: argparse.Namespace) -> int:
         forms = ("study", "global") if args.form == "both" else (args.form,)
         losses = {f: competition_loss(solution, pred, form=f, eps=args.eps) for f in forms}
         aucs = auc_per_target(solution, pred)
-    except (MetricInputError, FileNotFoundError, pd.errors.ParserError,
-            pd.errors.EmptyDataError) as err:
+    except (MetricInputError, FileNotFoundError, TableError) as err:
         print(f"cspine score: error: {err}", file=sys.stderr)
         return 2
     print(f"studies: {len(solution)}  positive: {int(solution['patient_overall'].sum())}")

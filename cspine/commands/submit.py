@@ -39,18 +39,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "or prior (submit the prior)")
     parser.add_argument("--tta-flip", choices=("config", "on", "off"), default="config",
                         help="stage-2 left-right flip TTA (default: as each model was trained)")
+    from stage1_segment.anatomy import add_limits_argument
+
+    add_limits_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from cspine.batch import parse_shard
     from cspine.models import PredictError
     from cspine.submit import submit
+    from stage1_segment.anatomy import limits_from_args
 
     tta = None if args.tta_flip == "config" else args.tta_flip == "on"
     try:
         submit(args.work, args.data, rule=args.rule, clip=tuple(args.clip) if args.clip else None,
                out=args.out, jobs=args.jobs, shard=parse_shard(args.shard), device=args.device,
-               tta_flip=tta, if_worse=args.if_worse_than_prior)
+               tta_flip=tta, if_worse=args.if_worse_than_prior,
+               anatomy_limits=limits_from_args(args))
     except (PredictError, ValueError, OSError) as err:
         print(f"cspine submit: error: {err}", file=sys.stderr)
         return 2

@@ -54,6 +54,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also draw a sagittal + axial view with the aligned mask and a "
                              "crack of one study (docs/images/synth_example.png)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--test-types", type=_types, default=keep, metavar="T1,T2",
+                        help="prediction types test.csv asks for per test study (default all "
+                             "eight; e.g. C1 for the shape of the real public test.csv)")
+    parser.add_argument("--test-without-images", type=int, default=keep, metavar="N",
+                        help="also list N studies in test.csv that have no test_images/ folder")
+
+
+def _types(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
 def _prevalence(text: str) -> dict[str, float]:
@@ -73,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
     from common.synth import SynthStateError, generate
 
     names = ("n_train", "n_test", "size", "max_slices", "jpeg_fraction", "mask_fraction",
-             "box_fraction", "reversed_fraction", "prevalence", "workers")
+             "box_fraction", "reversed_fraction", "prevalence", "workers", "test_types",
+             "test_without_images")
     overrides = {n: getattr(args, n) for n in names if hasattr(args, n)}
     start = time.perf_counter()
     try:
