@@ -180,8 +180,12 @@ def decode_one(item: DecodeItem, out: np.ndarray | None = None) -> tuple[np.ndar
         text = f"{type(exc).__name__}: {exc}"
         missing = "missing" in text.lower() and ("dependenc" in text.lower()
                                                    or "plugin" in text.lower())
-        raise DecodeError(item.path, "missing_codec" if missing else "corrupt_file",
-                          f"cannot decode pixels ({text[:300]})") from exc
+        if missing:
+            raise DecodeError(item.path, "missing_codec",
+                              f"cannot decode pixels ({_one_line(text)[:300]})") from exc
+        raise DecodeError(item.path, "corrupt_file",
+                          f"the compressed pixel data is damaged: no decoder could read it "
+                          f"({_one_line(text)[:300]})") from exc
     if stored.shape != (item.rows, item.cols):
         raise DecodeError(item.path, "corrupt_file", f"decoded shape {stored.shape} != "
                           f"Rows x Columns {(item.rows, item.cols)}")
@@ -257,6 +261,12 @@ def _shared_buffer(shape: tuple[int, ...]) -> tuple[np.ndarray, str] | None:
 
 _POOL: ProcessPoolExecutor | None = None
 _POOL_SIZE = 0
+
+
+def _one_line(text: str) -> str:
+    """A decoder's message on one line (pydicom lists each plugin's failure on its own line)."""
+    parts = [p.strip() for p in str(text).splitlines() if p.strip()]
+    return "; ".join(parts)
 
 
 def mp_context() -> multiprocessing.context.BaseContext:

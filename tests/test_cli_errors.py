@@ -136,3 +136,21 @@ def test_a_script_on_standard_input_can_use_the_decode_pool(tmp_path):
                          cwd=tmp_path, timeout=120)
     assert run.returncode == 0 and "(8, 8, 150)" in run.stdout, run.stderr
     assert "Traceback" not in run.stderr and "<stdin>" not in run.stderr, run.stderr
+
+
+def test_damaged_jpeg_pixels_are_one_line_saying_so(realdata, tmp_path, capsys):
+    """A real JPEG Lossless series with one file's compressed stream overwritten: one line,
+    naming the file and the cause (the decoders' own messages folded into it)."""
+    import shutil
+
+    study = tmp_path / "jpll"
+    shutil.copytree(realdata / "derived_jpll" / "totalsegmentator_example_ct_jpll", study)
+    victim = sorted(study.iterdir())[4]
+    victim.chmod(0o644)
+    data = bytearray(victim.read_bytes())
+    data[-20000:-100] = bytes((0xFF if i % 3 else 0x00) for i in range(19900))
+    victim.write_bytes(bytes(data))
+    assert main(["convert", str(study), str(tmp_path / "out.nii.gz")]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if "cspine convert" in line]
+    assert len(err) == 1 and "corrupt_file: the compressed pixel data is damaged" in err[0]
+    assert victim.name in err[0] and not (tmp_path / "out.nii.gz").exists()
