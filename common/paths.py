@@ -47,3 +47,24 @@ def work_root(given: str | os.PathLike | None = None, create: bool = True) -> Pa
 def folds_path(work: str | os.PathLike | None = None) -> Path:
     """The shared folds CSV, ``<work>/folds.csv``, read by both stages."""
     return work_root(work, create=False) / "folds.csv"
+
+
+def run_relative(path: str | os.PathLike, run_dir: str | os.PathLike) -> str:
+    """``path`` as recorded in a ``run.json`` in ``run_dir``: relative to ``run_dir`` (so a
+    copied or moved WORK uses its own checkpoints), or absolute when it lies elsewhere."""
+    path, run_dir = Path(path).resolve(), Path(run_dir).resolve()
+    try:
+        return path.relative_to(run_dir).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def run_resolve(recorded: str | os.PathLike, run_dir: str | os.PathLike) -> Path:
+    """The file a ``run.json`` in ``run_dir`` names: a relative path is taken from ``run_dir``;
+    an absolute one (older runs) is replaced by ``run_dir/checkpoints/<its name>`` when that
+    exists, so a copied WORK never reads the original's checkpoints."""
+    recorded, run_dir = Path(recorded), Path(run_dir)
+    if not recorded.is_absolute():
+        return run_dir / recorded
+    local = run_dir / "checkpoints" / recorded.name
+    return local if local.is_file() else recorded

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.paths import run_resolve
 from stage2_classify.aggregate import DEFAULT_CLIP, DEFAULT_RULE, RULES
 
 
@@ -92,8 +93,8 @@ def models_from_work(work: str | os.PathLike, rule: str | None = None,
     s1 = work / "stage1"
     if (s1 / "run.json").is_file():
         best = json.loads((s1 / "run.json").read_text()).get("best_checkpoint") or ""
-        stage1 = _existing(best or s1 / "checkpoints" / "last.ckpt",
-                           s1 / "checkpoints" / Path(best).name, s1 / "checkpoints" / "last.ckpt")
+        stage1 = _existing(run_resolve(best, s1) if best else s1 / "checkpoints" / "last.ckpt",
+                           s1 / "checkpoints" / "last.ckpt")
     elif (s1 / "checkpoints" / "last.ckpt").is_file():
         stage1 = s1 / "checkpoints" / "last.ckpt"
     else:
@@ -101,8 +102,8 @@ def models_from_work(work: str | os.PathLike, rule: str | None = None,
                            f"run `make stage1-fit WORK={work}` or pass --stage1-ckpt")
     stage2 = []
     for run in sorted((work / "stage2").glob("fold*/run.json")):
-        ckpt = json.loads(run.read_text())["checkpoint"]
-        stage2.append(_existing(ckpt, run.parent / "checkpoints" / Path(ckpt).name))
+        ckpt = run_resolve(json.loads(run.read_text())["checkpoint"], run.parent)
+        stage2.append(_existing(ckpt))
     if not stage2:
         raise PredictError(f"no stage-2 fold runs in {work / 'stage2'} (fold<k>/run.json): run "
                            f"`make stage2-fit WORK={work}` or pass --stage2-ckpt")

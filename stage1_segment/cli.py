@@ -103,10 +103,14 @@ class Stage1CLI(LightningCLI):
         if trainer.is_global_zero:
             from common.atomic import write_json
 
+            from common.paths import run_relative
+
             config = self.config[self.subcommand]
-            write_json(Path(config.data.work_dir) / "stage1" / "run.json", {
-                "best_checkpoint": ckpt.best_model_path or ckpt.last_model_path,
-                "last_checkpoint": ckpt.last_model_path,
+            run_dir = Path(config.data.work_dir) / "stage1"
+            write_json(run_dir / "run.json", {
+                "best_checkpoint": run_relative(ckpt.best_model_path or ckpt.last_model_path,
+                                                run_dir),
+                "last_checkpoint": run_relative(ckpt.last_model_path, run_dir),
                 "best_score": float(ckpt.best_model_score) if ckpt.best_model_score is not None
                 else None, "monitor": ckpt.monitor, "epochs": trainer.current_epoch,
                 "best_val": {k: round(float(v), 4) for k, v in (metrics[0] if metrics else {}).items()},
@@ -116,16 +120,9 @@ class Stage1CLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         if not config.trainer.get("default_root_dir"):  # logger-less runs: configs in $WORK too
             config.trainer.default_root_dir = str(Path(config.data.work_dir) / "stage1")
-        logger = config.trainer.get("logger")
-        for entry in logger if isinstance(logger, list) else [logger]:
-            if not hasattr(entry, "class_path") or "WandbLogger" not in entry.class_path:
-                continue
-            args = entry.init_args
-            if not args.get("save_dir") or args.get("save_dir") == ".":
-                args.save_dir = str(Path(config.data.work_dir) / "stage1")
-            Path(args.save_dir).mkdir(parents=True, exist_ok=True)
-            if os.environ.get("WANDB_MODE"):
-                args.offline = False  # let the environment decide (disabled / offline / online)
+        from common.tracking import apply_wandb_settings
+
+        apply_wandb_settings(config.trainer, Path(config.data.work_dir) / "stage1")
 
 
 def yaml_safe(text: str) -> dict:

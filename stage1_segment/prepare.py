@@ -224,9 +224,10 @@ def prepare_studies(data_root: str | os.PathLike, work_dir: str | os.PathLike,
         progress: show a tqdm bar.
 
     Returns:
-        The QC table (one row per study: status prepared / cached / failed; a cached study
-        keeps the details of the run that prepared it), also written to
-        ``$WORK/stage1/qc_prepare.csv``.
+        The QC table (one row per study: status prepared / failed, or cached for a study
+        cached before any record; a study found cached keeps the row of the run that prepared
+        it, seconds included; ``this_run`` says what this run did: prepared / cached / failed),
+        also written to ``$WORK/stage1/qc_prepare.csv``.
     """
     from common.volume_cache import volume_cache_dir
 
@@ -241,9 +242,12 @@ def prepare_studies(data_root: str | os.PathLike, work_dir: str | os.PathLike,
     for uid, split, sdir, mask in studies:
         out = folder / f"{uid}.npz"
         if out.is_file():  # atomic writes: existing means complete; temp files are ignored
-            rows.append({**previous.get(uid, {"study_uid": uid, "split": split,
+            # the row of the run that prepared it is kept (status, seconds): a later run that
+            # finds everything cached must not erase the cold-run record
+            rows.append({"status": "cached", "seconds": 0.0,
+                         **previous.get(uid, {"study_uid": uid, "split": split,
                                               "has_mask": mask is not None}),
-                         "status": "cached", "seconds": 0.0})
+                         "this_run": "cached"})
         else:
             todo.append((uid, sdir, mask, split, str(out), settings, lenient, volumes))
     bar = tqdm(total=len(todo), desc="stage1 prepare", unit="study", disable=not progress)
@@ -262,6 +266,9 @@ def prepare_studies(data_root: str | os.PathLike, work_dir: str | os.PathLike,
                 bar.update()
     bar.close()
     qc = pd.DataFrame(rows)
+    if len(qc):
+        qc["this_run"] = qc.get("this_run", pd.Series(index=qc.index, dtype=object)).fillna(
+            qc["status"])
     write_csv(qc_path, qc)
     failed = qc[qc["status"] == "failed"]
     if len(failed):

@@ -78,6 +78,10 @@ class Stage2CLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         import torch
 
+        from common.tracking import apply_wandb_settings
+
+        trainer = self._sub().trainer
+        apply_wandb_settings(trainer, trainer.get("default_root_dir") or ".")
         threads = self._sub().get("threads")
         if threads:
             torch.set_num_threads(int(threads))

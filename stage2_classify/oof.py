@@ -18,6 +18,7 @@ import pandas as pd
 from common.atomic import write_csv, write_json
 from common.labels import OVERALL, TARGETS, VERTEBRAE
 from common.metric import competition_loss
+from common.paths import run_relative
 from stage2_classify.aggregate import aggregate, clip_probs, crops_to_study
 
 UID = "StudyInstanceUID"
@@ -85,7 +86,7 @@ def write_fold_oof(trainer: Any, model: Any, datamodule: Any, fold_dir: Path, oo
     write_csv(Path(oof_dir) / f"fold{fold}.csv", wide.reset_index())
     loss = competition_loss(datamodule.val_labels, clip_probs(wide[list(TARGETS)]))
     write_json(Path(fold_dir) / "run.json", {
-        "fold": fold, "checkpoint": str(ckpt.resolve()), "chosen": which,
+        "fold": fold, "checkpoint": run_relative(ckpt, fold_dir), "chosen": which,
         "monitor_score": score,
         "oof_comp_loss_noisy_or": loss, "epochs": int(trainer.current_epoch),
         "val_studies": len(wide), "val_crops": len(crops), "prior": datamodule.prior,

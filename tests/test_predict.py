@@ -181,3 +181,22 @@ def test_predict_uses_the_rule_make_evaluate_scored(tmp_path):
     assert ModelSpec(stage1=tmp_path, stage2=[], rule="stacker").rule == DEFAULT_RULE
     assert ModelSpec(stage1=tmp_path, stage2=[], rule="stacker",
                      stacker=tmp_path / "s.json").rule == "stacker"
+
+
+def test_a_copied_work_uses_its_own_checkpoints(trained_work, tmp_path):
+    """run.json records checkpoints relative to the run folder: the models of a copied WORK
+    are the copy's files, never the original's (issue 12); older absolute records are mapped
+    to the copy's checkpoints/ folder too."""
+    from cspine.models import models_from_work
+
+    copy = tmp_path / "copy"
+    shutil.copytree(trained_work / "stage1", copy / "stage1")
+    shutil.copytree(trained_work / "stage2", copy / "stage2")
+    spec = models_from_work(copy)
+    for path in [spec.stage1, *spec.stage2]:
+        assert Path(path).resolve().is_relative_to(copy.resolve()), path
+    run = copy / "stage2" / "fold0" / "run.json"
+    doc = json.loads(run.read_text())
+    doc["checkpoint"] = str((trained_work / "stage2" / "fold0" / doc["checkpoint"]).resolve())
+    run.write_text(json.dumps(doc))
+    assert Path(models_from_work(copy).stage2[0]).resolve().is_relative_to(copy.resolve())

@@ -75,9 +75,10 @@ def test_prepare_resumes_and_records_failures(tiny_data, tmp_path):
     leftover.write_bytes(b"half-written")
     qc2 = prepare_studies(tiny_data, tmp_path, settings, splits=("test",), masked_only=False, jobs=1,
                           progress=False)
-    status = dict(zip(qc2["study_uid"], qc2["status"]))
+    status = dict(zip(qc2["study_uid"], qc2["this_run"]))
     assert status[uids[1]] == "prepared" and status[uids[0]] == "cached"
     assert sum(s == "cached" for s in status.values()) == len(uids) - 1
+    assert (qc2["status"] == "prepared").all()  # the cold run's record is kept
     assert load_cached(lost).uid == uids[1]
     # a broken study is a failed QC row, and the batch goes on
     from stage1_segment.prepare import prepare_study
@@ -99,7 +100,9 @@ def test_prepare_fit_crops_end_to_end(tiny_data, tmp_path):
             *_paths(tiny_data, tmp_path)]
     cli_main(["fit", *base, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2"])
     run = json.loads((tmp_path / "stage1" / "run.json").read_text())
-    assert Path(run["best_checkpoint"]).is_file() and "val/dice_C1" in run["best_val"]
+    assert not Path(run["best_checkpoint"]).is_absolute()  # a moved WORK keeps working
+    best = tmp_path / "stage1" / run["best_checkpoint"]
+    assert best.is_file() and "val/dice_C1" in run["best_val"]
     # fit prepared (and decoded) only the segmented train studies; they are kept decoded
     prepared = pd.read_csv(tmp_path / "stage1" / "qc_prepare.csv")
     assert set(prepared["split"]) == {"train"} and prepared["has_mask"].all()
@@ -136,7 +139,7 @@ def test_prepare_fit_crops_end_to_end(tiny_data, tmp_path):
     from common.dicom_io import load_series
 
     uid = manifest.iloc[-1]["study_uid"]
-    model = load_model(run["best_checkpoint"])
+    model = load_model(best)
     volume = load_series(tiny_data / "train_images" / uid)
     full = segment_volume(model, volume)
     assert full.shape == volume.shape and full.dtype == np.uint8
@@ -160,3 +163,15 @@ def test_no_predict_subcommand(capsys):
     """Stage-1 prediction runs only through the engine (make crops / submit / cspine predict)."""
     with pytest.raises(SystemExit):
         cli_main(["predict", "--help"])
+
+
+def test_a_warm_prepare_keeps_the_cold_run_record(tiny_data, tmp_path):
+    """A second prepare finds every study cached: qc_prepare.csv keeps each study's status and
+    seconds from the run that prepared it, and says what this run did (issue 12)."""
+    settings = GridSettings(shape=(24, 24, 32))
+    cold = prepare_studies(tiny_data, tmp_path, settings, jobs=1, progress=False)
+    assert (cold["status"] == "prepared").all() and (cold["seconds"] > 0).all()
+    prepare_studies(tiny_data, tmp_path, settings, jobs=1, progress=False)
+    warm = pd.read_csv(tmp_path / "stage1" / "qc_prepare.csv")
+    assert (warm["this_run"] == "cached").all() and (warm["status"] == "prepared").all()
+    assert warm.set_index("study_uid")["seconds"].equals(cold.set_index("study_uid")["seconds"])

@@ -109,7 +109,9 @@ def test_fit_oof_evaluate_on_tiny_preset(tiny_data, tmp_path):
         _fit(world, k, epochs=2)
         assert (work / "stage2" / "oof" / f"fold{k}.csv").exists()
         run = json.loads((work / "stage2" / f"fold{k}" / "run.json").read_text())
-        state = torch.load(run["checkpoint"], map_location="cpu", weights_only=False)
+        assert run["checkpoint"] == "checkpoints/last.ckpt"  # relative to the fold folder
+        state = torch.load(work / "stage2" / f"fold{k}" / run["checkpoint"], map_location="cpu",
+                           weights_only=False)
         # saved after the last epoch (the counter then reads max_epochs), not at the best epoch
         assert state["epoch"] == 2
     metrics = evaluate(work, tiny_data, rule="stacker", clip=(1e-3, 1 - 1e-3))

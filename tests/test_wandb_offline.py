@@ -119,3 +119,25 @@ def test_stage2_offline_run_has_metrics_config_and_crops(work):
     assert {"model", "data", "trainer"} <= got["config"]
     images = list((run_dir / "files" / "media" / "images").rglob("*.png"))
     assert images, "no logged crops"
+
+
+@pytest.mark.parametrize("mode", [None, "disabled", "online"])
+def test_both_stages_let_wandb_mode_decide(mode, tmp_path, monkeypatch):
+    """The YAMLs' WandbLogger is offline; a WANDB_MODE in the environment overrides it for stage 1
+    and stage 2 alike (stage 2 used to ignore it: `disabled` still wrote runs)."""
+    from stage1_segment.cli import main as stage1_cli
+    from stage2_classify.cli import cli_main as stage2_cli
+
+    repo = Path(__file__).resolve().parents[1]
+    if mode is None:
+        monkeypatch.delenv("WANDB_MODE", raising=False)
+    else:
+        monkeypatch.setenv("WANDB_MODE", mode)
+    one = stage1_cli(["-c", str(repo / "configs/stage1/cpu.yaml"), f"--data.data_root={tmp_path}",
+                      f"--data.work_dir={tmp_path / 'w'}"], run=False)
+    two = stage2_cli(["-c", str(repo / "configs/stage2/cpu.yaml"),
+                      f"--data.manifest={tmp_path / 'm.csv'}", f"--data.data_root={tmp_path}",
+                      f"--trainer.default_root_dir={tmp_path / 's2'}",
+                      f"--trainer.logger.init_args.save_dir={tmp_path / 's2'}"], run=False)
+    for cli in (one, two):
+        assert cli.trainer.logger._offline is (mode is None), type(cli).__name__
