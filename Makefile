@@ -72,7 +72,7 @@ STAGE1_ARGS ?=
 S1 := --data.data_root $(DATA) --data.work_dir $(WORK)
 .PHONY: stage1-prepare stage1-fit crops
 stage1-prepare: install  ## stage-1 training cache (STAGE1_CONFIG data: grid) of the segmented train studies: DATA DICOM + segmentations -> WORK/stage1/cache/<key>/<UID>.npz (model grid), WORK/cache/volumes/<UID>.npz (decoded once, read by crops), WORK/stage1/qc_prepare.csv; cached studies are skipped
-	$(PY) -m stage1_segment.prepare -c $(STAGE1_CONFIG) --data-root $(DATA) --work-dir $(WORK) --jobs $(JOBS)
+	$(PY) -m stage1_segment.prepare -c $(STAGE1_CONFIG) --data-root $(DATA) --work-dir $(WORK) --jobs $(JOBS) $(STAGE1_ARGS)
 
 stage1-fit: install  ## train the segmenter (STAGE1_CONFIG) on WORK/stage1/cache + WORK/folds.csv -> WORK/stage1/checkpoints/{best,last}.ckpt, WORK/stage1/run.json, WORK/stage1/wandb; skipped when finished with unchanged config and inputs (else the old run moves to WORK/stage1.stale/), resumed from last.ckpt
 	@fp=$$({ awk '/^[^ \t#]/{skip=($$1=="crops:")} !skip' $(filter-out -c,$(STAGE1_CONFIG)); cat $(WORK)/folds.csv; } | { cat; echo "$(STAGE1_ARGS)"; } | sha256sum | cut -c1-16); \
@@ -82,7 +82,7 @@ stage1-fit: install  ## train the segmenter (STAGE1_CONFIG) on WORK/stage1/cache
 	$(PY) -m stage1_segment fit -c $(STAGE1_CONFIG) $(S1) --data.prepare_jobs $(JOBS) $$resume $(STAGE1_ARGS)
 
 crops: install  ## stage-1 part of the test-time engine over the train studies with STAGE1_CKPT (best|last|path), crop settings from STAGE1_CONFIG crops: -> WORK/stage1/crops/<UID>_<C#>.npz + vertebrae.csv (the stage-2 manifest) + qc_crops.csv, WORK/stage1/masks/<UID>.nii.gz; SHARD=i/N for one share
-	$(VENV)/bin/cspine crops $(DATA) --work $(WORK) -c $(STAGE1_CONFIG) --stage1-ckpt $(STAGE1_CKPT) --jobs $(JOBS) $(if $(SHARD),--shard $(SHARD))
+	$(VENV)/bin/cspine crops $(DATA) --work $(WORK) -c $(STAGE1_CONFIG) --stage1-ckpt $(STAGE1_CKPT) --jobs $(JOBS) $(if $(SHARD),--shard $(SHARD)) $(STAGE1_ARGS)
 
 # ---------------------------------------------------------------- stage 2 (stage2_classify)
 STAGE2_CONFIG ?= configs/stage2/cpu.yaml

@@ -1,7 +1,9 @@
 """``cspine``: one command, one sub-command per module in :mod:`cspine.commands`.
 
 Each module in ``cspine/commands/`` defines ``NAME`` (the sub-command, e.g. ``"check-data"``),
-``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int`` (the exit status).
+``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int`` (the exit status). A
+module with ``OVERRIDES = True`` also takes a stage's ``--section.key value`` overrides (any
+arguments argparse does not know), read by the stage's own parser, in ``args.overrides``.
 Modules are imported lazily at parse time, so heavy imports (torch) only happen for the
 sub-command that needs them: keep module-level imports in command modules light.
 """
@@ -37,13 +39,17 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(mod.NAME, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP),
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
+        p.set_defaults(_run=mod.run, _overrides=bool(getattr(mod, "OVERRIDES", False)))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cspine`` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:

@@ -244,9 +244,13 @@ def summary_line(manifest: Path, seconds: float) -> str:
             f"{seconds:.1f} s -> {manifest}")
 
 
-def crop_settings(configs: Sequence[str | os.PathLike]):
-    """The :class:`CropConfig` of stage-1 YAML files (their ``crops:`` sections, later wins)."""
+def crop_settings(configs: Sequence[str | os.PathLike], data_root: str | os.PathLike,
+                  work_dir: str | os.PathLike, overrides: Sequence[str] = ()):
+    """The :class:`CropConfig` of a stage-1 config (its ``crops`` group; ``lenient`` and
+    ``n_folds`` linked from ``data``), read by the stage's own parser with ``overrides``."""
+    from stage1_segment.cli import parse_settings
     from stage1_segment.crops import crop_config
-    from stage1_segment.prepare import read_config_sections
+    from stage1_segment.prepare import stage1_args
 
-    return crop_config(read_config_sections(configs).get("crops", {}) or {})
+    config = parse_settings(stage1_args(configs, data_root, work_dir, overrides))
+    return crop_config(config.crops.as_dict())

@@ -86,6 +86,9 @@ class Stage1CLI(LightningCLI):
         for key in LINKED_TO_MODEL:
             parser.link_arguments(f"data.{key}", f"model.{key}")
         parser.add_class_arguments(CropConfig, "crops")
+        # one key each: crops load the studies as the data section says, with its folds
+        parser.link_arguments("data.lenient", "crops.lenient")
+        parser.link_arguments("data.n_folds", "crops.n_folds")
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -139,3 +142,12 @@ def main(args: Sequence[str] | None = None, run: bool = True) -> Stage1CLI:
                      parser_kwargs={"description": "Stage 1: C1–C7 segmentation (MONAI 3D "
                                     "network, LightningCLI). Use `fit -c configs/stage1/"
                                     "cpu.yaml --data.data_root DATA --data.work_dir WORK`."})
+
+
+def parse_settings(args: Sequence[str]):
+    """The stage-1 config for ``args`` (``-c`` files and ``--section.key`` overrides, no
+    subcommand), read through this LightningCLI's own parser (:mod:`common.cli_settings`):
+    what ``make stage1-prepare``, ``make crops`` and the fit fingerprint use."""
+    from common.cli_settings import parse_only
+
+    return parse_only(Stage1CLI, Stage1Module, Stage1DataModule, args)

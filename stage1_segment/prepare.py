@@ -287,62 +287,54 @@ def _previous_rows(qc_path: Path) -> dict[str, dict[str, Any]]:
 
 
 def settings_from_config(data_cfg: dict[str, Any]) -> GridSettings:
-    """GridSettings from a config's ``data`` section (keys grid_shape, grid_spacing_mm, thoracic)."""
+    """GridSettings from a parsed config's ``data`` section (grid_shape, grid_spacing_mm,
+    thoracic)."""
     return GridSettings(shape=data_cfg.get("grid_shape"),
                         spacing_mm=data_cfg.get("grid_spacing_mm"),
                         thoracic=data_cfg.get("thoracic", "background"))
 
 
-def read_config_sections(paths: Sequence[str | os.PathLike]) -> dict[str, Any]:
-    """Merge stage-1 YAML files (later files win, key by key within each section)."""
-    import yaml
-
-    merged: dict[str, Any] = {}
-    for path in paths:
-        text = Path(path).read_text(encoding="utf-8")
-        for section, value in (yaml.safe_load(text) or {}).items():
-            if isinstance(value, dict) and isinstance(merged.get(section), dict):
-                merged[section] = {**merged[section], **value}
-            else:
-                merged[section] = value
-    return merged
-
-
-def tool_parser(prog: str, description: str, section: str) -> argparse.ArgumentParser:
-    """The options shared by the stage-1 batch tools (config files, data and work roots, jobs)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("-c", "--config", action="append", required=True,
-                        help=f"stage-1 YAML (repeatable, later wins; its {section}: section "
-                             f"gives the settings)")
-    parser.add_argument("--data-root", required=True, help="RSNA-layout dataset folder")
-    parser.add_argument("--work-dir", required=True, help="output root WORK")
-    parser.add_argument("--jobs", type=int, default=2, help="worker processes")
-    return parser
+def stage1_args(configs: Sequence[str | os.PathLike], data_root: str | os.PathLike,
+                work_dir: str | os.PathLike, overrides: Sequence[str] = ()) -> list[str]:
+    """The stage-1 LightningCLI arguments of a step: ``-c`` per file, the roots, overrides."""
+    return [*[a for c in configs for a in ("-c", str(c))], "--data.data_root", str(data_root),
+            "--data.work_dir", str(work_dir), *overrides]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = tool_parser(
-        "python -m stage1_segment.prepare",
-        "Resample the segmented train studies (and their masks) onto the stage-1 model grid and "
-        "cache them under WORK/stage1/cache/<settings key>/ (the decoded volumes under "
-        "WORK/cache/volumes/); cached studies are skipped.", "data")
+    parser = argparse.ArgumentParser(
+        prog="python -m stage1_segment.prepare",
+        description="Resample the segmented train studies (and their masks) onto the stage-1 "
+                    "model grid and cache them under WORK/stage1/cache/<settings key>/ (the "
+                    "decoded volumes under WORK/cache/volumes/); cached studies are skipped. "
+                    "Settings (data: grid_shape, grid_spacing_mm, thoracic, lenient) come from "
+                    "the stage-1 config read by the stage's own parser: -c files and any "
+                    "--section.key value overrides, exactly as for `python -m stage1_segment "
+                    "fit`.")
+    parser.add_argument("-c", "--config", action="append", required=True,
+                        help="stage-1 YAML (repeatable, later wins)")
+    parser.add_argument("--data-root", required=True, help="RSNA-layout dataset folder")
+    parser.add_argument("--work-dir", required=True, help="output root WORK")
+    parser.add_argument("--jobs", type=int, default=2, help="worker processes")
     parser.add_argument("--splits", nargs="+", default=["train"], choices=["train", "test"])
     parser.add_argument("--all-studies", action="store_true",
                         help="also studies without a segmentation (default: only the segmented "
                              "train studies that fit trains on)")
-    parser.add_argument("--lenient", action="store_true",
-                        help="repair loadable defects (gaps, tilt, duplicates) instead of failing")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    data_cfg = read_config_sections(args.config).get("data", {})
+    from stage1_segment.cli import parse_settings
+
+    args, overrides = build_parser().parse_known_args(argv)
+    config = parse_settings(stage1_args(args.config, args.data_root, args.work_dir, overrides))
+    data_cfg = config.data.as_dict()
     settings = settings_from_config(data_cfg)
     t0 = time.perf_counter()
     qc = prepare_studies(args.data_root, args.work_dir, settings, splits=args.splits,
-                         masked_only=not args.all_studies, jobs=args.jobs, lenient=args.lenient or bool(data_cfg.get("lenient")))
-    counts = qc["status"].value_counts().to_dict()
+                         masked_only=not args.all_studies, jobs=args.jobs,
+                         lenient=bool(data_cfg.get("lenient")))
+    counts = qc["this_run"].value_counts().to_dict() if len(qc) else {}
     print(f"stage1 prepare: {counts} in {time.perf_counter() - t0:.1f} s -> "
           f"{cache_dir(args.work_dir, settings)}")
     return 0 if counts.get("failed", 0) < len(qc) or not len(qc) else 1

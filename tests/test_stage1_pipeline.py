@@ -175,3 +175,24 @@ def test_a_warm_prepare_keeps_the_cold_run_record(tiny_data, tmp_path):
     warm = pd.read_csv(tmp_path / "stage1" / "qc_prepare.csv")
     assert (warm["this_run"] == "cached").all() and (warm["status"] == "prepared").all()
     assert warm.set_index("study_uid")["seconds"].equals(cold.set_index("study_uid")["seconds"])
+
+
+def test_prepare_and_crops_read_settings_through_the_stage_parser(tiny_data, tmp_path):
+    """`-c a -c b` plus `--section.key` overrides mean the same in prepare and crops as in fit
+    (issue 12): the override reaches the cache key / crop settings, an unknown key or the
+    retired second lenient key is refused."""
+    from cspine.train_crops import crop_settings
+    from stage1_segment.prepare import main as prepare_main
+
+    configs = [REPO / "configs/stage1/cpu.yaml", SMOKE]
+    cfg = crop_settings(configs, tiny_data, tmp_path, ["--crops.margin_mm", "6",
+                                                       "--data.lenient", "true"])
+    assert cfg.margin_mm == 6.0 and cfg.lenient and cfg.shape == (16, 16, 12)
+    for bad in (["--crops.margn", "6"], ["--crops.lenient", "true"]):
+        with pytest.raises(ValueError, match="Stage1CLI settings"):
+            crop_settings(configs, tiny_data, tmp_path, bad)
+    args = [a for c in configs for a in ("-c", str(c))]
+    assert prepare_main([*args, "--data-root", str(tiny_data), "--work-dir", str(tmp_path),
+                         "--jobs", "1", "--data.grid_shape", "[20, 20, 24]"]) == 0
+    settings = json.loads(next((tmp_path / "stage1" / "cache").glob("*/settings.json")).read_text())
+    assert settings["shape"] == [20, 20, 24]

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 NAME = "crops"
+OVERRIDES = True  # --crops.margin_mm 6 etc.: the stage-1 parser reads them
 HELP = "stage-1 part of the test-time engine over the train studies: crops + the stage-2 manifest"
 DESCRIPTION = (
     "Segment every train study with the stage-1 model and cut one crop per vertebra from the "
@@ -16,7 +17,10 @@ DESCRIPTION = (
     "WORK/stage1/masks/<UID>.nii.gz (labels in the study's DICOM geometry) and "
     "WORK/stage1/crops/qc_crops.csv. Studies already cropped with the same stage-1 model and "
     "crop settings are skipped; a study decoded by `make stage1-prepare` is read from "
-    "WORK/cache/volumes instead of being decoded again.")
+    "WORK/cache/volumes instead of being decoded again. The crop settings are the crops group "
+    "of the stage-1 config, read by the stage's own parser: -c files and --section.key value "
+    "overrides (e.g. --crops.margin_mm 6, --data.lenient true) mean what they mean for "
+    "`python -m stage1_segment fit`.")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         shard = parse_shard(args.shard)
-        cfg = crop_settings(args.config)
+        cfg = crop_settings(args.config, args.data, args.work, args.overrides)
         manifest = make_crops(args.data, args.work, cfg, stage1_ckpt=args.stage1_ckpt,
                               jobs=args.jobs, shard=shard, device=args.device)
     except (ValueError, OSError) as err:
