@@ -188,6 +188,8 @@ def _subgroups(frame: pd.DataFrame, fields: list[str], points, chosen: str, repl
                seed: int, min_size: int, prevalence: float) -> dict[str, list[dict[str, Any]]]:
     out = {}
     for f in fields:
+        if f not in frame.columns:
+            continue
         values = frame[f].fillna("").astype(str)
         if not (values != "").any():
             continue  # never recorded: no table

@@ -268,7 +268,7 @@ def validate(data: str | os.PathLike, work: str | os.PathLike, out: str | os.Pat
                                  replicates=replicates, seed=seed, min_subgroup=min_subgroup,
                                  other=other)
     metrics.update(dataset=str(Path(data).resolve()), work=str(work.resolve()),
-                   compare=str(Path(compare).resolve()) if compare else None,
+                   compare_work=str(Path(compare).resolve()) if compare else None,
                    models_key=models_key(engines[0].spec), out=str(out),
                    seconds=round(time.perf_counter() - t_start, 1))
     write_json(out / "metrics.json", metrics)

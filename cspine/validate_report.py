@@ -174,7 +174,7 @@ def _compare(m: dict[str, Any]) -> str:
     c = m.get("compare")
     if not c:
         return "<p class='note'>No second run given (<code>--compare WORK_B</code>).</p>"
-    return (f"<p>Run A <code>{_esc(m['work'])}</code> minus run B <code>{_esc(m['compare'])}"
+    return (f"<p>Run A <code>{_esc(m['work'])}</code> minus run B <code>{_esc(m['compare_work'])}"
             f"</code> on the same {c['n_studies']} studies (paired bootstrap).</p>" +
             table([("AUC patient_overall", ci(c["auc_overall"])),
                    ("AUC C1–C7 pooled", ci(c["auc_vertebrae_pooled"])),
