@@ -296,8 +296,11 @@ def reliability(y: np.ndarray, p: np.ndarray, bins: int = 10) -> tuple[np.ndarra
     """(mean predicted probability, observed fraction) per non-empty uniform bin (scikit-learn)."""
     from sklearn.calibration import calibration_curve
 
-    frac, mean = calibration_curve(np.asarray(y).ravel(), np.asarray(p).ravel(), n_bins=bins,
-                                   strategy="uniform")
+    y = np.asarray(y).ravel()
+    if np.unique(y).size < 2:  # scikit-learn needs both classes to know the positive label
+        empty = np.zeros(0)
+        return empty, empty
+    frac, mean = calibration_curve(y, np.asarray(p).ravel(), n_bins=bins, strategy="uniform")
     return mean, frac
 
 

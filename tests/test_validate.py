@@ -210,3 +210,39 @@ def test_validate_compare_two_runs_on_the_same_studies(site, tiny_data, tmp_path
     for key in ("auc_overall", "comp_loss"):  # the same models: the difference is exactly 0
         assert c[key]["value"] == 0 or c[key]["value"] is None
     assert c["comp_loss"]["ci_low"] == 0 and c["comp_loss"]["ci_high"] == 0
+
+
+def test_site_profile_headers_are_written_and_read_during_loading(site):
+    import pydicom
+
+    from common.dicom_io import load_series
+    from common.synth import make_config
+
+    studies = pd.read_csv(site / "_synth_truth" / "studies.csv")
+    assert set(studies["Manufacturer"]) == {"GE MEDICAL SYSTEMS", "SIEMENS"}
+    assert set(studies["thickness"]) == {1.9, 3.5}
+    folder = next((site / "train_images").iterdir())
+    header = pydicom.dcmread(next(folder.glob("*.dcm")), stop_before_pixels=True)
+    vol = load_series(folder)
+    assert vol.qc["header"]["Manufacturer"] == header.Manufacturer
+    assert vol.qc["header"]["ConvolutionKernel"] == header.ConvolutionKernel
+    assert vol.qc["header"]["PatientSex"] in ("M", "F") and vol.qc["header"]["PatientAge"]
+    assert float(header.SliceThickness) == pytest.approx(vol.qc["step_mm"], abs=1e-3)
+    # a config without a site keeps the identity (and so the bytes) it had before site options
+    assert not {"site", "manufacturers", "hu_offset"} & set(make_config("tiny").identity())
+    with pytest.raises(ValueError, match="unknown site"):
+        make_config("tiny", site="nowhere")
+
+
+def test_metrics_of_a_tiny_one_class_set_say_undefined_instead_of_failing():
+    frame = _frame(3, seed=2)
+    frame[list(TARGETS)] = 0
+    points = {OVERALL: {"sens90": {"threshold": 0.5, "sensitivity": 0.9, "specificity": 0.8}},
+              "vertebrae": {"sens90": {"threshold": 0.3, "sensitivity": 0.9,
+                                       "specificity": 0.7}}}
+    frame.loc[2, "status"], frame.loc[2, "reason"] = "unreadable", "no_images"
+    m = val_stats.validation_metrics(frame, points, "sens90", prevalence=0.05, replicates=50)
+    assert (m["n_scored"], m["n_unreadable"]) == (2, 1)
+    assert m["auc"][OVERALL]["value"] is None and m["operating_points"][OVERALL]["sens90"][
+        "site"]["sensitivity"]["value"] is None
+    assert m["calibration"][OVERALL]["curve"]["observed"] == []
