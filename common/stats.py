@@ -336,7 +336,9 @@ class Platt:
 
     def apply(self, p: np.ndarray) -> np.ndarray:
         """Recalibrated probabilities, same shape as ``p``."""
-        return 1.0 / (1.0 + np.exp(-(self.a * _logit(p) + self.b)))
+        from scipy.special import expit  # no overflow for large |a · logit p|
+
+        return expit(self.a * _logit(p) + self.b)
 
 
 def split_studies(n: int, share: float, seed: int = DEFAULT_SEED) -> tuple[np.ndarray, np.ndarray]:

@@ -32,6 +32,7 @@ def test_report_of_a_run(work, tiny_data, capsys):
     assert 'class="missing"' not in page  # every record of a full run was found
     assert "constant prevalence (baseline)" in page and "val_fold" not in page
     assert "validation Dice (best checkpoint" in page
+    assert "Operating points (chosen on the OOF rows" in page and "sens90" in page
     # every image is embedded and decodes as PNG; the ones made here are also beside the page
     blobs = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
     assert len(blobs) == 4  # dice, overlays, roc, calibration
