@@ -51,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--site", choices=sorted(SITES), default=keep,
                         help="another hospital's profile: vendors, kernels, slice thickness, "
                              "pixel size, noise, bone HU calibration, contrast and patient "
-                             "age/sex in the headers (common/synth/presets.py SITES)")
+                             "age/sex in the headers (common/synth/presets.py SITES); its slice "
+                             "thicknesses suit the demo preset: with tiny add --max-slices 128")
     parser.add_argument("--workers", type=int, default=keep,
                         help="worker processes (preset: 2)")
     parser.add_argument("--overwrite", action="store_true",
