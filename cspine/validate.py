@@ -248,6 +248,11 @@ def validate(data: str | os.PathLike, work: str | os.PathLike, out: str | os.Pat
     out = Path(out) if out else work / "validation" / name
     if not 0.0 < prevalence < 1.0:
         raise ValueError(f"--prevalence {prevalence} must lie strictly between 0 and 1")
+    if recalibrate is not None and not 0.0 < recalibrate < 1.0:
+        raise ValueError(f"--recalibrate {recalibrate}: give the share of studies to fit on, "
+                         f"strictly between 0 and 1 (e.g. 0.5)")
+    if replicates < 1:
+        raise ValueError(f"--replicates {replicates} must be at least 1 (1,000+ recommended)")
     points = oof_points(work)
     if operating_point not in points[OVERALL]:
         raise ValueError(f"operating point {operating_point!r} not among {sorted(points[OVERALL])}")

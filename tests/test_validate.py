@@ -246,3 +246,28 @@ def test_metrics_of_a_tiny_one_class_set_say_undefined_instead_of_failing():
     assert m["auc"][OVERALL]["value"] is None and m["operating_points"][OVERALL]["sens90"][
         "site"]["sensitivity"]["value"] is None
     assert m["calibration"][OVERALL]["curve"]["observed"] == []
+
+
+def test_bad_inputs_give_one_line_errors_naming_the_fix(tmp_path, capsys):
+    from cspine.cli import main
+    from cspine.validate import read_dataset
+
+    assert main(["validate", str(tmp_path), "--work", str(tmp_path)]) == 2
+    assert "make evaluate" in capsys.readouterr().err
+    assert main(["validate", str(tmp_path), "--work", str(tmp_path), "--recalibrate", "2"]) == 2
+    assert "strictly between 0 and 1" in capsys.readouterr().err
+    bad = tmp_path / "bad.csv"
+    bad.write_text("study_dir,C1,C2\nx,0,1\n")
+    with pytest.raises(ValueError, match="missing label columns"):
+        read_dataset(bad)
+    bad.write_text("C1,C2,C3,C4,C5,C6,C7\n0,0,0,0,0,0,0\n")
+    with pytest.raises(ValueError, match="study_dir"):
+        read_dataset(bad)
+    bad.write_text("nifti_path,C1,C2,C3,C4,C5,C6,C7\na.nii.gz,0,2,0,0,0,0,0\n")
+    with pytest.raises(ValueError, match="other than 0/1"):
+        read_dataset(bad)
+    good = tmp_path / "good.csv"
+    good.write_text("nifti_path,C1,C2,C3,C4,C5,C6,C7,scanner\nct/a.nii.gz,0,1,0,0,0,0,0,X\n")
+    (studies, cols) = read_dataset(good)
+    assert cols == ["scanner"] and studies[0].uid == "a"
+    assert studies[0].labels[OVERALL] == 1 and studies[0].path == str(tmp_path / "ct/a.nii.gz")
