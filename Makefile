@@ -26,8 +26,19 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed  ## create .venv: torch ($(TORCH)) first, then cspine with dev extras
 
-test: install  ## run the test suite (slow tests included; skip them with PYTEST_ARGS='-m "not slow"')
+test: install browser  ## run the test suite (slow tests included; skip them with PYTEST_ARGS='-m "not slow"'); the page tests open the HTML pages in headless Chromium
 	WANDB_MODE=disabled $(PY) -m pytest -q $(PYTEST_ARGS)
+
+.PHONY: browser
+browser:  ## headless Chromium for the page tests: Debian's chromium package, installed with apt-get when missing (as root), else a message saying how
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	    command -v google-chrome >/dev/null 2>&1 || [ -n "$$CHROMIUM" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "make browser: installing Debian's chromium package for the page tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null || exit 1; \
+	else \
+	  echo "make browser: the page tests need Chromium: install the 'chromium' package (apt-get install chromium, as root), set CHROMIUM=/path/to/chrome, or skip them on purpose with CSPINE_NO_BROWSER=1" >&2; exit 1; \
+	fi
 
 synth: install  ## write the synthetic dataset: PRESET=tiny|demo|full -> DATA (resumes; refuses a DATA written with other options)
 	$(VENV)/bin/cspine synth $(DATA) --preset $(PRESET)
@@ -112,11 +123,23 @@ stage2-fit: install  ## train stage 2 (FOLD=k, else every fold in turn; STAGE2_C
 	    --oof_dir $(WORK)/stage2/oof $$resume $(STAGE2_ARGS) || exit 1; \
 	done
 
-evaluate: install  ## stage-2 OOF evaluation: WORK/stage2/oof/fold*.csv + DATA/train.csv -> WORK/oof.csv, WORK/metrics.json (records the rule and clip), WORK/report/{roc,calibration}.png, WORK/stage2/stacker.json (AGG_RULE, CLIP)
+evaluate: install  ## stage-2 OOF evaluation: WORK/stage2/oof/fold*.csv + DATA/train.csv -> WORK/oof.csv, WORK/metrics.json (records the rule, clip and the operating points for sensitivities 0.80/0.90/0.95 + Youden), WORK/report/{roc,calibration}.png, WORK/stage2/stacker.json (AGG_RULE, CLIP)
 	$(PY) -m stage2_classify.evaluate --work $(WORK) --data $(DATA) $(if $(AGG_RULE),--rule $(AGG_RULE)) $(if $(CLIP),--clip $(CLIP))
 
 submit: install  ## the whole test-time engine over the test studies (rule and clip as evaluate recorded, unless AGG_RULE/CLIP): DATA/test_images + WORK/stage1 + WORK/stage2 -> WORK/submission.csv (the rows of test.csv/sample_submission.csv), WORK/predict/<UID>/, WORK/stage2/submit_qc.csv; SHARD=i/N for one share
 	$(VENV)/bin/cspine submit $(DATA) --work $(WORK) --jobs $(JOBS) $(if $(AGG_RULE),--rule $(AGG_RULE)) $(if $(CLIP),--clip $(CLIP)) $(if $(SHARD),--shard $(SHARD)) $(if $(IF_WORSE),--if-worse-than-prior $(IF_WORSE)) $(if $(ANATOMY_LIMITS),--anatomy-limits $(ANATOMY_LIMITS))
+
+# ---------------------------------------------------------------- external validation
+# VAL_DATA: labelled studies not used for training (RSNA-layout folder or CSV, see
+# docs/validation.md); COMPARE: a second training folder scored on the same studies
+VAL_DATA ?=
+VAL_OUT ?=
+COMPARE ?=
+VAL_ARGS ?=
+.PHONY: validate
+validate: install  ## external validation of WORK's models (through the test-time engine) on VAL_DATA (RSNA layout or CSV; operating points from WORK/metrics.json, make evaluate) -> VAL_OUT (default WORK/validation/<name>)/{index.html,metrics.json,predictions.csv,qc.csv,roc.png,reliability.png,overviews/}; COMPARE=WORK_B, VAL_ARGS for more flags
+	@test -n "$(VAL_DATA)" || { echo "make validate: set VAL_DATA=<RSNA-layout folder or CSV of labelled studies not used for training>" >&2; exit 2; }
+	$(VENV)/bin/cspine validate $(VAL_DATA) --work $(WORK) --jobs $(JOBS) $(if $(VAL_OUT),--out $(VAL_OUT)) $(if $(COMPARE),--compare $(COMPARE)) $(VAL_ARGS)
 
 # ---------------------------------------------------------------- end to end (demo, smoke, report)
 # The chain run by `make demo` and `make smoke`, in order; each step skips finished work.

@@ -67,6 +67,31 @@ class SeriesError(ValueError):
 #: more is refused before any pixel buffer is allocated.
 MAX_SIDE = 4096
 
+#: Study-describing header fields kept for subgroup analyses (``cspine validate``): they never
+#: change how a study is loaded. SliceThickness is kept as a number in ``thickness``.
+DESCRIPTOR_TAGS = ("Manufacturer", "ManufacturerModelName", "ConvolutionKernel",
+                   "ContrastBolusAgent", "PatientAge", "PatientSex", "KVP")
+
+
+def _descriptors(ds: Any) -> tuple[tuple[str, str], ...]:
+    """The :data:`DESCRIPTOR_TAGS` of a header as stripped text (multi-valued joined by '\\')."""
+    out = []
+    for tag in DESCRIPTOR_TAGS:
+        try:
+            value = ds.get(tag)
+        except Exception:  # noqa: BLE001 - a malformed optional tag is simply absent
+            continue
+        if value is None:
+            continue
+        if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+            text = "\\".join(str(v).strip() for v in value)
+        else:
+            text = str(value).strip()
+        if text:
+            out.append((tag, text[:64]))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class SliceHeader:
     """What the loader needs from one CT slice header (values in DICOM units, LPS mm).
@@ -98,6 +123,8 @@ class SliceHeader:
     pixel_offset: int = -1  # file offset of the PixelData element (uncompressed LE only)
     has_slope: bool = True
     has_intercept: bool = True
+    #: (tag keyword, text) of the :data:`DESCRIPTOR_TAGS` present (non-empty) in the header
+    descriptors: tuple[tuple[str, str], ...] = ()
 
     @property
     def name(self) -> str:
@@ -255,7 +282,8 @@ def _interpret(path: Path, ds: Any, size: int, pixel_offset: int) -> tuple[str, 
         padding_limit=int(pad_limit) if isinstance(pad_limit, (int, float)) else None,
         bits_allocated=bits_alloc,
         pixel_offset=pixel_offset if ts in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1") else -1,
-        has_slope="RescaleSlope" in ds, has_intercept="RescaleIntercept" in ds)
+        has_slope="RescaleSlope" in ds, has_intercept="RescaleIntercept" in ds,
+        descriptors=_descriptors(ds))
     return "slice", header
 
 

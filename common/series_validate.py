@@ -413,4 +413,7 @@ def plan_summary(plan: SeriesPlan) -> dict[str, Any]:
         "file_numbers": [min(h.file_number for h in plan.slices),
                          max(h.file_number for h in plan.slices)],
         "iop": [round(x, 6) for x in first.iop],
+        # Manufacturer, ConvolutionKernel, ContrastBolusAgent, PatientAge, PatientSex … of the
+        # first slice (common.dicom_scan.DESCRIPTOR_TAGS), for subgroup analyses
+        "header": dict(getattr(first, "descriptors", ())),
     }

@@ -37,8 +37,9 @@ class StudyTask:
 
     Attributes:
         uid: StudyInstanceUID (the folder name).
-        split: ``train`` or ``test``.
-        study_dir: the DICOM folder ("" when the study has no images).
+        split: ``train``, ``test`` or ``validate``.
+        study_dir: the DICOM folder, or a ``.nii``/``.nii.gz`` CT in HU ("" when the study
+            has no images).
         fold: fold of the shared fold file (-1 for test studies).
     """
 
@@ -89,12 +90,18 @@ def _load_task(task: StudyTask, lenient: bool, cache_dir: str | None, keep: bool
     from common.volume_cache import load_study
 
     t0 = time.perf_counter()
-    if not task.study_dir or not os.path.isdir(task.study_dir):
+    nifti = task.study_dir.endswith((".nii", ".nii.gz")) and os.path.isfile(task.study_dir)
+    if not nifti and (not task.study_dir or not os.path.isdir(task.study_dir)):
         return None, "", {"status": "failed", "reason": "no_images",
                           "message": f"no image folder {task.study_dir or '(none)'}"}
     try:
-        volume, source = load_study(task.study_dir, lenient=lenient, cache_dir=cache_dir,
-                                    keep=keep, workers=workers)
+        if nifti:  # a NIfTI CT (cspine validate's CSV form): read as `cspine predict` reads it
+            from cspine.predict import load_input
+
+            volume, source = load_input(task.study_dir), "decoded"
+        else:
+            volume, source = load_study(task.study_dir, lenient=lenient, cache_dir=cache_dir,
+                                        keep=keep, workers=workers)
     except Exception as exc:  # noqa: BLE001 — one bad study never stops the batch
         message = str(exc).splitlines()[0] if str(exc) else repr(exc)
         return None, "", {"status": "failed", "reason": getattr(exc, "reason",

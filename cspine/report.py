@@ -8,8 +8,8 @@ the file and the make target that writes it):
    labels against the aligned ground truth of the validation-fold studies (scored by
    ``make crops``: ``WORK/stage1/crops/qc_crops.csv``), and example sagittal overlays
    (``WORK/stage1/masks`` over ``WORK/stage1/cache``);
-3. stage 2: the metric table against the constant-prevalence baseline, AUC per target, per-fold
-   losses (``WORK/metrics.json``), ROC and calibration plots (``WORK/report/{roc,calibration}.png``,
+3. stage 2: the metric table against the constant-prevalence baseline, AUC per target, the
+   operating points, per-fold losses (``WORK/metrics.json``), ROC and calibration plots (``WORK/report/{roc,calibration}.png``,
    ``make evaluate``);
 4. QC: failed studies and the slowest studies of every step (``qc_prepare.csv``,
    ``qc_crops.csv``, the crop manifest, ``submit_qc.csv``).
@@ -289,6 +289,13 @@ def stage2_section(work: Path, report_dir: Path) -> str:
     out.append(table([["AUC", *[auc.get(t, math.nan) for t in TARGETS],
                        auc.get("mean_vertebra", math.nan)]],
                      ["", *VERTEBRAE, "overall", "mean C1–C7"], 3))
+    points = {g: p for g, p in (m.get("operating_points") or {}).items() if isinstance(p, dict)}
+    if points:
+        out.append("<h3>Operating points (chosen on the OOF rows; <code>cspine validate</code> "
+                   "applies them unchanged)</h3>" + table(
+                       [[g, name, pt["threshold"], pt["sensitivity"], pt["specificity"]]
+                        for g, pts in points.items() for name, pt in pts.items()],
+                       ["group", "point", "threshold", "sensitivity", "specificity"], 3))
     per_fold = m.get("comp_loss_per_fold", {})
     if per_fold:
         out.append("<p class='note'>competition loss per fold: " + ", ".join(

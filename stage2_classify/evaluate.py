@@ -6,7 +6,9 @@ Outputs:
 * ``$WORK/oof.csv``: wide ``StudyInstanceUID, C1..C7, patient_overall, fold`` by the chosen rule
   (the stacker column is nested: each fold's rows come from a stacker fitted on the other folds);
 * ``$WORK/metrics.json``: competition metric (per-study and global forms) of every rule and of the
-  constant-prevalence baseline (prevalence of each fold's training folds), AUC per target;
+  constant-prevalence baseline (prevalence of each fold's training folds), AUC per target, and
+  the ``operating_points`` that ``cspine validate`` applies unchanged to another site
+  (:func:`operating_points`);
 * ``$WORK/report/roc.png`` and ``calibration.png``;
 * ``$WORK/stage2/stacker.json``: the stacker fitted on all OOF rows (for ``make submit``).
 
@@ -57,6 +59,30 @@ def fold_baseline(y_all: pd.DataFrame, folds: pd.Series, uids: pd.Index,
     return clip_probs(pd.concat(parts).loc[uids], clip)
 
 
+#: The groups an operating point is chosen for: one threshold for ``patient_overall`` and one
+#: for the vertebrae pooled (applied to each of C1..C7). Per-vertebra thresholds are not
+#: recorded: the rarer vertebrae have few OOF positives (RSNA C3: 73 of 2,019 studies), so a
+#: threshold at 95 % sensitivity would rest on a handful of cases.
+THRESHOLD_GROUPS: dict[str, list[str]] = {OVERALL: [OVERALL], "vertebrae": list(VERTEBRAE)}
+
+
+def operating_points(y: pd.DataFrame, pred: pd.DataFrame) -> dict:
+    """Thresholds for sensitivities 0.80 / 0.90 / 0.95 and the Youden point, chosen on the OOF
+    rows (:func:`common.stats.choose_thresholds`), per group of :data:`THRESHOLD_GROUPS`.
+
+    Returns:
+        ``{"patient_overall": {"sens80": {"threshold", "sensitivity", "specificity"}, ...},
+        "vertebrae": {...}, "chosen_on": ...}``; a group with one class only is empty.
+    """
+    from common.stats import choose_thresholds
+
+    out: dict = {g: choose_thresholds(y[cols].to_numpy(), pred[cols].to_numpy())
+                 for g, cols in THRESHOLD_GROUPS.items()}
+    out["chosen_on"] = (f"out-of-fold rows of {len(y)} studies (the chosen rule); a case is "
+                        f"positive when p >= threshold; 'vertebrae' pools C1..C7")
+    return out
+
+
 def score(y: pd.DataFrame, pred: pd.DataFrame) -> dict[str, float]:
     return {"comp_loss": competition_loss(y, pred, form="study"),
             "comp_loss_global": competition_loss(y, pred, form="global")}
@@ -86,6 +112,7 @@ def evaluate(work: Path, data_root: Path, rule: str = DEFAULT_RULE,
         "rules": {r: score(y, p) for r, p in preds.items()},
         "auc": aucs, "comp_loss_per_fold": per_fold,
         "overall_below_max_vertebra": violations,
+        "operating_points": operating_points(y, chosen),
     }
     metrics["beats_prior"] = bool(metrics["comp_loss"] < metrics["baseline_prevalence"]["comp_loss"])
     write_csv(work / "oof.csv", chosen.assign(fold=oof["fold"]).reset_index())
@@ -115,6 +142,11 @@ def format_table(m: dict) -> str:
     lines.append("AUC  " + "  ".join(f"{'overall' if t == OVERALL else t}={auc[t]:.3f}"
                                      for t in TARGETS))
     lines.append(f"AUC  mean C1-C7={auc['mean_vertebra']:.3f}  pooled C1-C7={auc['pooled_vertebra']:.3f}")
+    for group, points in (m.get("operating_points") or {}).items():
+        if isinstance(points, dict) and points:
+            lines.append(f"thresholds ({group}): " + "  ".join(
+                f"{name}={pt['threshold']:.3f} (sens {pt['sensitivity']:.2f}, spec "
+                f"{pt['specificity']:.2f})" for name, pt in points.items()))
     return "\n".join(lines)
 
 

@@ -1,5 +1,6 @@
 """``cspine report`` / ``cspine summary`` on a real short run, on an empty run folder, and the
-page rendered by headless Chromium (skipped when no browser is installed)."""
+page opened in real headless Chromium (tests/browser.py: ``make test`` installs it; a missing
+browser fails the test unless ``CSPINE_NO_BROWSER=1``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from cspine.cli import main as cspine_main
+from browser import browser_path, check_page
 from e2e_fixtures import trained_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,6 +32,7 @@ def test_report_of_a_run(work, tiny_data, capsys):
     assert 'class="missing"' not in page  # every record of a full run was found
     assert "constant prevalence (baseline)" in page and "val_fold" not in page
     assert "validation Dice (best checkpoint" in page
+    assert "Operating points (chosen on the OOF rows" in page and "sens90" in page
     # every image is embedded and decodes as PNG; the ones made here are also beside the page
     blobs = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
     assert len(blobs) == 4  # dice, overlays, roc, calibration
@@ -62,12 +65,11 @@ def test_report_renders_in_headless_chromium(work, tmp_path):
     spec = spec_from_file_location("render_report", REPO / "scripts" / "render_report.py")
     render = module_from_spec(spec)
     spec.loader.exec_module(render)
-    if render.find_browser() is None:
-        pytest.skip("no chromium/chrome on PATH (apt-get install chromium)")
+    exe = browser_path()
     assert cspine_main(["report", str(work)]) == 0
     png = tmp_path / "shot.png"
     try:
-        render.render(work / "report" / "index.html", png, height=1600)
+        render.render(work / "report" / "index.html", png, height=1600, browser=exe)
     except subprocess.TimeoutExpired:
         pytest.fail("chromium did not finish in time")
     data = png.read_bytes()
@@ -78,3 +80,14 @@ def test_report_renders_in_headless_chromium(work, tmp_path):
     assert img.size == (1280, 1600)
     # a rendered page, not a blank one: many distinct grey levels (text, tables, plots)
     assert len(set(img.getdata())) > 50
+
+
+def test_report_page_in_the_browser_shows_its_tables_and_images(work, tiny_data):
+    assert cspine_main(["check-data", str(tiny_data), "--out", str(work / "qc_data.csv")]) == 0
+    assert cspine_main(["report", str(work)]) == 0
+    seen = check_page(work / "report" / "index.html")
+    assert seen.errors == [] and seen.failed_requests == []
+    assert len(seen.images) == 4 and all(ok and w > 0 for _, ok, w in seen.images), seen.images
+    assert seen.tables >= 5
+    for heading in ("1. Data census", "2. Stage 1", "3. Stage 2", "4. Quality control"):
+        assert any(h.startswith(heading) for h in seen.headings), seen.headings

@@ -168,7 +168,7 @@ def write_study(cfg: SynthConfig, plan: StudyPlan, out: Path) -> dict[str, Any]:
     if folder.exists():  # left over from an interrupted run
         shutil.rmtree(folder)
     write_series(folder, plan.uid, image.rendered.hu, image.affine, image.file_numbers,
-                 image.pixel_spacing, image.thickness, plan.jpeg)
+                 image.pixel_spacing, image.thickness, plan.jpeg, plan.header)
     if plan.mask:
         write_mask(out / "segmentations" / f"{plan.uid}.nii", image.rendered.labels,
                    image.affine, plan.mask_dtype)
@@ -225,6 +225,8 @@ def _write_tables(out: Path, plans: list[StudyPlan], records: dict[str, dict[str
             "thickness": r["thickness"], "direction": "ascending" if p.reversed else "descending",
             "first_file": p.start, "transfer_syntax": "jpeg_lossless" if p.jpeg else "explicit_le",
             "mask": p.mask_dtype if p.mask else "", "boxes": len(r["boxes"]),
+            **{k: p.header.get(k, "") for k in ("Manufacturer", "ConvolutionKernel")
+               if any(q.header.get(k) for q in plans)},
             "fractures": ";".join(f"{v}:{k}" for v, k in p.fractures.items())})
     write_csv(out / TRUTH / "studies.csv", pd.DataFrame(summary))
 

@@ -40,6 +40,9 @@ class StudyPlan:
         mask: write ``segmentations/<UID>.nii`` (train only).
         mask_dtype: "uint8" or "uint16".
         boxes: write rows to ``train_bounding_boxes.csv`` (positive train studies only).
+        header: extra DICOM header text (``Manufacturer``, ``ConvolutionKernel``,
+            ``ContrastBolusAgent``, ``PatientAge``, ``PatientSex``) of a site profile.
+        thickness_mm: the study's slice spacing = SliceThickness (None: the real-spacing draw).
     """
 
     index: int
@@ -53,6 +56,8 @@ class StudyPlan:
     mask: bool = False
     mask_dtype: str = "uint8"
     boxes: bool = False
+    header: dict[str, str] = field(default_factory=dict)
+    thickness_mm: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -128,7 +133,36 @@ def plan_studies(cfg: SynthConfig) -> list[StudyPlan]:
     pos_train = [i for i in train if plans[i].labels[OVERALL]]
     for i in _pick(rng, pos_train, _count(cfg.box_fraction, len(pos_train))):
         plans[i].boxes = True
+    _site_headers(cfg, plans)
     return plans
+
+
+def _balanced(rng: np.random.Generator, values: tuple, n: int) -> list:
+    """``values`` spread over n studies in near-equal counts, in random order."""
+    order = rng.permutation(n)
+    return [values[int(r) % len(values)] for r in np.argsort(order)]
+
+
+def _site_headers(cfg: SynthConfig, plans: list[StudyPlan]) -> None:
+    """The site profile's header fields and slice thickness per study, from their own stream
+    (so a config without them plans exactly what it planned before they existed). Vendors,
+    kernels and thicknesses are each balanced over the dataset and crossed at random."""
+    rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 104729]))
+    n = len(plans)
+    for tag, values in (("Manufacturer", cfg.manufacturers), ("ConvolutionKernel", cfg.kernels)):
+        if values:
+            for plan, value in zip(plans, _balanced(rng, tuple(values), n)):
+                plan.header[tag] = str(value)
+    if cfg.slice_thickness_mm:
+        for plan, value in zip(plans, _balanced(rng, tuple(cfg.slice_thickness_mm), n)):
+            plan.thickness_mm = float(value)
+    if cfg.contrast_fraction > 0:
+        for i in _pick(rng, list(range(n)), _count(cfg.contrast_fraction, n, True)):
+            plans[i].header["ContrastBolusAgent"] = "IOHEXOL"
+    if cfg.demographics:
+        for plan in plans:
+            plan.header["PatientAge"] = f"{int(rng.integers(18, 96)):03d}Y"
+            plan.header["PatientSex"] = "M" if rng.random() < 0.6 else "F"
 
 
 @dataclass
@@ -167,6 +201,8 @@ def render_study(cfg: SynthConfig, plan: StudyPlan, fractures: bool = True) -> S
     ratios = np.array(list(THICKNESS_RATIOS))
     ratio = float(geo_rng.choice(ratios, p=np.array(list(THICKNESS_RATIOS.values()))))
     thickness = round(step * ratio, 4)
+    if plan.thickness_mm:  # a site profile's contiguous slices of one thickness
+        step = thickness = round(float(plan.thickness_mm), 4)
     scale = float(geo_rng.uniform(*cfg.size_scale))
     centre_lps = geo_rng.uniform(-20.0, 20.0, size=2)  # image centre, LPS x/y (mm)
     c2_z = float(geo_rng.uniform(-150.0, 100.0))
@@ -194,6 +230,10 @@ def render_study(cfg: SynthConfig, plan: StudyPlan, fractures: bool = True) -> S
     shape = (cfg.size, cfg.size, n)
     kinds = plan.fractures if fractures else {}
     rendered = render(anat, affine, shape, kinds, frac_rng, noise_rng, noise)
+    if cfg.bone_hu_scale != 1.0 or cfg.hu_offset != 0.0:  # another scanner's calibration
+        hu = rendered.hu.astype(np.float32)
+        hu = np.where(hu > 0, hu * cfg.bone_hu_scale, hu) + cfg.hu_offset
+        rendered.hu = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
     k = np.arange(n)
     file_numbers = plan.start + (k if plan.reversed else (n - 1 - k))
     return StudyImage(rendered, affine, file_numbers.astype(np.int64), ps, step, thickness)

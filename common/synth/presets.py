@@ -64,6 +64,16 @@ class SynthConfig:
             test.csv, or C1..C7 only).
         test_without_images: extra studies listed in ``test.csv`` that have no folder under
             ``test_images/`` (the real public test.csv lists three such studies).
+        site: name of the :data:`SITES` profile applied (informational; "" = none).
+        manufacturers: each study's ``Manufacturer`` header is one of these, drawn per study
+            (empty: the tag is not written, like the RSNA files).
+        kernels: ``ConvolutionKernel`` values, drawn per study (empty: not written).
+        slice_thickness_mm: when given, each study's slice spacing = ``SliceThickness`` is one
+            of these (mm, drawn per study) instead of the real-spacing draw.
+        bone_hu_scale: factor on every HU above 0 (another scanner's bone calibration / kVp).
+        hu_offset: HU added to every voxel after the scale.
+        contrast_fraction: share of studies whose header names a ``ContrastBolusAgent``.
+        demographics: write ``PatientAge`` (18–95 y) and ``PatientSex`` (M/F) per study.
     """
 
     preset: str = "tiny"
@@ -91,6 +101,14 @@ class SynthConfig:
     uid_base: int = 10000
     test_types: tuple[str, ...] = TARGETS
     test_without_images: int = 0
+    site: str = ""
+    manufacturers: tuple[str, ...] = ()
+    kernels: tuple[str, ...] = ()
+    slice_thickness_mm: tuple[float, ...] = ()
+    bone_hu_scale: float = 1.0
+    hu_offset: float = 0.0
+    contrast_fraction: float = 0.0
+    demographics: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict (tuples become lists)."""
@@ -100,6 +118,9 @@ class SynthConfig:
         """The fields that change the data (everything but ``workers``): the resume key."""
         d = self.to_dict()
         d.pop("workers")
+        for name, default in SITE_DEFAULTS.items():  # datasets written before site options
+            if d.get(name) == default:  # existed keep their identity
+                d.pop(name)
         return d
 
     def validate(self) -> None:
@@ -112,7 +133,7 @@ class SynthConfig:
             raise ValueError(f"max_slices {self.max_slices} < 8")
         for name in ("jpeg_fraction", "reversed_fraction", "offset_start_fraction",
                      "mask_fraction", "uint16_mask_fraction", "box_fraction",
-                     "fragment_fraction"):
+                     "fragment_fraction", "contrast_fraction"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} {value} outside [0, 1]")
@@ -135,6 +156,30 @@ class SynthConfig:
                              f"{', '.join(TARGETS)}")
         if self.test_without_images < 0:
             raise ValueError("test_without_images must be >= 0")
+        if any(not 0.2 <= t <= 6.0 for t in self.slice_thickness_mm):
+            raise ValueError(f"slice_thickness_mm {self.slice_thickness_mm} outside 0.2..6 mm")
+        if not 0.5 <= self.bone_hu_scale <= 2.0:
+            raise ValueError(f"bone_hu_scale {self.bone_hu_scale} outside 0.5..2")
+
+
+#: The site-describing fields and their neutral values (a config at these values writes the
+#: same bytes as before the fields existed).
+SITE_DEFAULTS: dict[str, Any] = {"site": "", "manufacturers": [], "kernels": [],
+                                 "slice_thickness_mm": [], "bone_hu_scale": 1.0,
+                                 "hu_offset": 0.0, "contrast_fraction": 0.0,
+                                 "demographics": False}
+
+#: Named "other hospital" profiles: overrides applied by ``make_config(site=...)`` /
+#: ``cspine synth --site``. ``site-b``: two vendors and kernels, thicker slices (1.5 or
+#: 2.5 mm), 12 % coarser pixels (``pixel_spacing_scale``: the preset's range times it), about twice the noise, darker bone and a +30 HU offset, a third of
+#: the studies with contrast, and patient age and sex in the headers.
+SITES: dict[str, dict[str, Any]] = {
+    "site-b": {"manufacturers": ("GE MEDICAL SYSTEMS", "SIEMENS"),
+               "kernels": ("BONEPLUS", "Br64"), "slice_thickness_mm": (1.5, 2.5),
+               "pixel_spacing_scale": 1.12, "noise_hu": (25.0, 45.0),
+               "bone_hu_scale": 0.9, "hu_offset": 30.0, "contrast_fraction": 0.33,
+               "demographics": True},
+}
 
 
 PRESETS: dict[str, SynthConfig] = {
@@ -154,12 +199,14 @@ PRESETS: dict[str, SynthConfig] = {
 }
 
 
-def make_config(preset: str = "tiny", seed: int = 0, **overrides: Any) -> SynthConfig:
+def make_config(preset: str = "tiny", seed: int = 0, site: str | None = None,
+                **overrides: Any) -> SynthConfig:
     """A preset with overrides applied and checked.
 
     Args:
         preset: ``"tiny"``, ``"demo"`` or ``"full"``.
         seed: master seed.
+        site: a :data:`SITES` profile applied before ``overrides`` (None / "": none).
         **overrides: any :class:`SynthConfig` field; ``None`` values are ignored. ``prevalence``
             may be partial (missing keys keep the preset's values). ``size`` without
             ``pixel_spacing`` keeps the preset's field of view (the pixel spacing scales).
@@ -170,6 +217,15 @@ def make_config(preset: str = "tiny", seed: int = 0, **overrides: Any) -> SynthC
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     base = PRESETS[preset]
+    if site:
+        if site not in SITES:
+            raise ValueError(f"unknown site {site!r}; choose one of {sorted(SITES)}")
+        profile = dict(SITES[site])
+        scale = profile.pop("pixel_spacing_scale", None)
+        if scale is not None:
+            profile["pixel_spacing"] = tuple(round(p * scale, 6) for p in base.pixel_spacing)
+        overrides = {**profile, "site": site,
+                     **{k: v for k, v in overrides.items() if v is not None}}
     names = {f.name for f in dataclasses.fields(SynthConfig)}
     unknown = sorted(set(overrides) - names)
     if unknown:

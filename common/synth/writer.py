@@ -35,7 +35,8 @@ def ds_str(value: float, decimals: int = 5) -> str:
 
 
 def slice_dataset(study_uid: str, n: int, position_lps: Sequence[float], pixel_spacing: float,
-                  thickness: float, stored: np.ndarray) -> Dataset:
+                  thickness: float, stored: np.ndarray,
+                  extra: dict[str, str] | None = None) -> Dataset:
     """The header + pixels of file ``<n>.dcm`` (uncompressed).
 
     Args:
@@ -45,6 +46,8 @@ def slice_dataset(study_uid: str, n: int, position_lps: Sequence[float], pixel_s
         pixel_spacing: row = column spacing (mm).
         thickness: SliceThickness (mm).
         stored: int16 (Rows, Columns) stored values (HU − RescaleIntercept).
+        extra: more header text by keyword (a site profile's Manufacturer, ConvolutionKernel,
+            ContrastBolusAgent, PatientAge, PatientSex).
     """
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
@@ -77,6 +80,8 @@ def slice_dataset(study_uid: str, n: int, position_lps: Sequence[float], pixel_s
     ds.WindowWidth = "2000"
     ds.RescaleIntercept = str(RESCALE_INTERCEPT)
     ds.RescaleSlope = "1"
+    for keyword, value in (extra or {}).items():
+        setattr(ds, keyword, value)
     ds.PixelData = np.ascontiguousarray(stored, dtype="<i2").tobytes()
     return ds
 
@@ -113,7 +118,7 @@ def _jpeg_lossless_pixels(src: Path, dst: Path) -> bytes:
 
 def write_series(study_dir: Path, study_uid: str, hu: np.ndarray, affine: np.ndarray,
                  file_numbers: np.ndarray, pixel_spacing: float, thickness: float,
-                 jpeg: bool) -> None:
+                 jpeg: bool, extra: dict[str, str] | None = None) -> None:
     """Write every sorted slice k of ``hu`` as ``<file_numbers[k]>.dcm``.
 
     Args:
@@ -124,6 +129,7 @@ def write_series(study_dir: Path, study_uid: str, hu: np.ndarray, affine: np.nda
             :func:`common.geometry.dicom_position_of_slice`.
         file_numbers: (Z,) file number of each sorted slice.
         jpeg: encode as JPEG Lossless SV1 (1.2.840.10008.1.2.4.70) instead of uncompressed.
+        extra: more header text by keyword (:func:`slice_dataset`).
     """
     study_dir.mkdir(parents=True, exist_ok=True)
     for k in range(hu.shape[2]):
@@ -131,7 +137,7 @@ def write_series(study_dir: Path, study_uid: str, hu: np.ndarray, affine: np.nda
         pixels = geometry.xyz_slice_to_pixels(hu, k)  # (Rows, Columns) = (Y, X)
         stored = (pixels.astype(np.int32) - RESCALE_INTERCEPT).astype(np.int16)
         ds = slice_dataset(study_uid, n, geometry.dicom_position_of_slice(affine, k),
-                           pixel_spacing, thickness, stored)
+                           pixel_spacing, thickness, stored, extra)
         final = study_dir / f"{n}.dcm"
         with atomic_path(final, suffix=".dcm") as tmp:
             if jpeg:

@@ -46,6 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prevalence", type=_prevalence, default=keep,
                         metavar="C1=P,...,patient_overall=P",
                         help="per-target positive rates (missing keys keep the preset's)")
+    from common.synth.presets import SITES
+
+    parser.add_argument("--site", choices=sorted(SITES), default=keep,
+                        help="another hospital's profile: vendors, kernels, slice thickness, "
+                             "pixel size, noise, bone HU calibration, contrast and patient "
+                             "age/sex in the headers (common/synth/presets.py SITES); its slice "
+                             "thicknesses suit the demo preset: with tiny add --max-slices 128")
     parser.add_argument("--workers", type=int, default=keep,
                         help="worker processes (preset: 2)")
     parser.add_argument("--overwrite", action="store_true",
@@ -83,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
 
     names = ("n_train", "n_test", "size", "max_slices", "jpeg_fraction", "mask_fraction",
              "box_fraction", "reversed_fraction", "prevalence", "workers", "test_types",
-             "test_without_images")
+             "test_without_images", "site")
     overrides = {n: getattr(args, n) for n in names if hasattr(args, n)}
     start = time.perf_counter()
     try:
