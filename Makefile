@@ -59,22 +59,10 @@ bench-load: install  ## DICOM loading benchmark: synthetic 300-slice 512² serie
 folds: install  ## stratified CV folds of DATA/train.csv -> WORK/folds.csv (made once, then reused)
 	$(VENV)/bin/cspine folds $(DATA) --out $(WORK)/folds.csv
 
-# Training targets skip a finished run only when its inputs are unchanged: the fingerprint
-# (sha256 of the config files, the inputs' tables and the extra args) is written next to the run.
-# A finished run with another fingerprint is moved aside to <dir>.stale/ (the previous .stale is
-# replaced) and trained again; a run without run.json resumes from last.ckpt.
-# $(call keep_or_retire,DIR,LABEL,PATHS,SKIP): expects $$fp in the shell; runs SKIP (e.g. exit 0)
-# when the finished run is kept, moves PATHS aside when it is stale.
-define keep_or_retire
-if [ -f $(1)/run.json ] || [ -f $(1)/fit.fingerprint ]; then \
-	  if [ "$$(cat $(1)/fit.fingerprint 2>/dev/null)" = "$$fp" ]; then \
-	    if [ -f $(1)/run.json ]; then echo "$(2): done, inputs unchanged ($(1)/run.json; delete it to retrain)"; $(4); fi; \
-	  else \
-	    echo "$(2): config or inputs changed since the last run; moving it to $(1).stale/ and training again"; \
-	    rm -rf $(1).stale && mkdir -p $(1).stale && for p in $(3); do [ -e $$p ] && mv $$p $(1).stale/ || true; done; \
-	  fi; \
-	fi
-endef
+# Training targets skip a finished run only when its inputs are unchanged: `cspine fit` hashes
+# the resolved settings (the stage's own parser; no paths, no logging) and the input tables, and
+# decides skip | resume (from last.ckpt) | retire (moved to <run>.stale-<n>/, never deleted) |
+# fresh (cspine/runs.py, tested in tests/test_runs.py).
 
 # ---------------------------------------------------------------- stage 1 (stage1_segment)
 STAGE1_CONFIG ?= configs/stage1/cpu.yaml
@@ -85,12 +73,8 @@ S1 := --data.data_root $(DATA) --data.work_dir $(WORK)
 stage1-prepare: install  ## stage-1 training cache (STAGE1_CONFIG data: grid) of the segmented train studies: DATA DICOM + segmentations -> WORK/stage1/cache/<key>/<UID>.npz (model grid), WORK/cache/volumes/<UID>.npz (decoded once, read by crops), WORK/stage1/qc_prepare.csv; cached studies are skipped
 	$(PY) -m stage1_segment.prepare -c $(STAGE1_CONFIG) --data-root $(DATA) --work-dir $(WORK) --jobs $(JOBS) $(STAGE1_ARGS)
 
-stage1-fit: install  ## train the segmenter (STAGE1_CONFIG) on WORK/stage1/cache + WORK/folds.csv -> WORK/stage1/checkpoints/{best,last}.ckpt, WORK/stage1/run.json, WORK/stage1/wandb; skipped when finished with unchanged config and inputs (else the old run moves to WORK/stage1.stale/), resumed from last.ckpt
-	@fp=$$({ awk '/^[^ \t#]/{skip=($$1=="crops:")} !skip' $(filter-out -c,$(STAGE1_CONFIG)); cat $(WORK)/folds.csv; } | { cat; echo "$(STAGE1_ARGS)"; } | sha256sum | cut -c1-16); \
-	$(call keep_or_retire,$(WORK)/stage1,stage 1 fit,$(WORK)/stage1/checkpoints $(WORK)/stage1/run.json $(WORK)/stage1/wandb,exit 0); \
-	resume=""; if [ -f $(WORK)/stage1/checkpoints/last.ckpt ]; then resume="--ckpt_path last"; echo "stage 1 fit: resuming"; fi; \
-	mkdir -p $(WORK)/stage1 && echo $$fp > $(WORK)/stage1/fit.fingerprint && \
-	$(PY) -m stage1_segment fit -c $(STAGE1_CONFIG) $(S1) --data.prepare_jobs $(JOBS) $$resume $(STAGE1_ARGS)
+stage1-fit: install  ## train the segmenter (STAGE1_CONFIG, STAGE1_ARGS) on WORK/stage1/cache + WORK/folds.csv -> WORK/stage1/checkpoints/{best,last}.ckpt, WORK/stage1/run.json, WORK/stage1/wandb; skipped when finished with the same settings and inputs, resumed from last.ckpt when interrupted, else the old run moves to WORK/stage1.stale-<n>/
+	$(VENV)/bin/cspine fit stage1 $(DATA) --work $(WORK) -c $(STAGE1_CONFIG) --jobs $(JOBS) $(STAGE1_ARGS)
 
 crops: install  ## stage-1 part of the test-time engine over the train studies with STAGE1_CKPT (best|last|path), crop settings from STAGE1_CONFIG crops: -> WORK/stage1/crops/<UID>_<C#>.npz + vertebrae.csv (the stage-2 manifest) + qc_crops.csv, WORK/stage1/masks/<UID>.nii.gz; SHARD=i/N for one share
 	$(VENV)/bin/cspine crops $(DATA) --work $(WORK) -c $(STAGE1_CONFIG) --stage1-ckpt $(STAGE1_CKPT) --jobs $(JOBS) $(if $(SHARD),--shard $(SHARD)) $(STAGE1_ARGS)
@@ -109,19 +93,8 @@ SHARD ?=
 ANATOMY_LIMITS ?=
 IF_WORSE ?=
 .PHONY: stage2-fit evaluate submit
-stage2-fit: install  ## train stage 2 (FOLD=k, else every fold in turn; STAGE2_CONFIG) on WORK/stage1/crops/vertebrae.csv + DATA/train.csv + WORK/folds.csv -> WORK/stage2/fold<k>/ (checkpoints, run.json, wandb), WORK/stage2/oof/fold<k>.csv; a finished fold with unchanged config and inputs is skipped (a stale one moves to fold<k>.stale/), an interrupted one resumes from last.ckpt
-	@for k in $(if $(FOLD),$(FOLD),$(STAGE2_FOLDS)); do \
-	  dir=$(WORK)/stage2/fold$$k; \
-	  fp=$$(cat $(filter-out -c,$(STAGE2_CONFIG)) $(WORK)/stage1/crops/vertebrae.csv $(WORK)/folds.csv | { cat; echo "$$k $(STAGE2_ARGS)"; } | sha256sum | cut -c1-16); \
-	  $(call keep_or_retire,$$dir,stage 2 fold $$k,$$dir $(WORK)/stage2/oof/fold$$k.csv,false) || continue; \
-	  resume=""; if [ -f $$dir/checkpoints/last.ckpt ]; then resume="--ckpt_path last"; echo "stage 2 fold $$k: resuming"; fi; \
-	  mkdir -p $$dir && echo $$fp > $$dir/fit.fingerprint && \
-	  $(PY) -m stage2_classify fit -c $(STAGE2_CONFIG) --data.fold $$k \
-	    --data.manifest $(WORK)/stage1/crops/vertebrae.csv --data.data_root $(DATA) \
-	    --data.folds_csv $(WORK)/folds.csv --trainer.default_root_dir $$dir \
-	    --trainer.logger.init_args.save_dir $$dir --trainer.logger.init_args.name stage2-fold$$k \
-	    --oof_dir $(WORK)/stage2/oof $$resume $(STAGE2_ARGS) || exit 1; \
-	done
+stage2-fit: install  ## train stage 2 (FOLD=k, else every fold of STAGE2_FOLDS in turn; STAGE2_CONFIG, STAGE2_ARGS) on WORK/stage1/crops/vertebrae.csv + DATA/train.csv + WORK/folds.csv -> WORK/stage2/fold<k>/ (checkpoints, run.json, wandb), WORK/stage2/oof/fold<k>.csv; a finished fold with the same settings and inputs is skipped, an interrupted one resumes, a stale one moves to fold<k>.stale-<n>/
+	$(VENV)/bin/cspine fit stage2 $(DATA) --work $(WORK) -c $(STAGE2_CONFIG) --folds $(if $(FOLD),$(FOLD),$(STAGE2_FOLDS)) $(STAGE2_ARGS)
 
 evaluate: install  ## stage-2 OOF evaluation: WORK/stage2/oof/fold*.csv + DATA/train.csv -> WORK/oof.csv, WORK/metrics.json (records the rule, clip and the operating points for sensitivities 0.80/0.90/0.95 + Youden), WORK/report/{roc,calibration}.png, WORK/stage2/stacker.json (AGG_RULE, CLIP)
 	$(PY) -m stage2_classify.evaluate --work $(WORK) --data $(DATA) $(if $(AGG_RULE),--rule $(AGG_RULE)) $(if $(CLIP),--clip $(CLIP))

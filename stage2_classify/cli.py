@@ -122,3 +122,12 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> Stage2CLI:
     return Stage2CLI(CropClassifier, CropDataModule, args=args, run=run,
                      save_config_callback=WandbSaveConfigCallback,
                      save_config_kwargs={"overwrite": False})
+
+
+def parse_settings(args: list[str]):
+    """The stage-2 config for ``args`` (``-c`` files and ``--section.key`` overrides, no
+    subcommand), read through this LightningCLI's own parser (:mod:`common.cli_settings`):
+    what the fit fingerprint of :mod:`cspine.runs` hashes."""
+    from common.cli_settings import parse_only
+
+    return parse_only(Stage2CLI, CropClassifier, CropDataModule, args)
