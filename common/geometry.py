@@ -49,6 +49,10 @@ class Volume:
             ``train_bounding_boxes.csv``); ``-1`` where a slice was synthesised by repair.
         study_uid: the study folder name.
         qc: the per-study QC record (a plain dict, JSON serialisable).
+        source_files: paths of the DICOM files the volume was decoded from, one per source
+            slice, in the loader's order (ascending along the slice normal). For a stack the
+            loader resampled (lenient repairs) these are the source slices, not the volume's;
+            empty for a NIfTI input. DICOM outputs (SEG, SR) reference these files.
     """
 
     hu: np.ndarray
@@ -56,6 +60,7 @@ class Volume:
     file_numbers: np.ndarray
     study_uid: str = ""
     qc: dict[str, Any] = field(default_factory=dict)
+    source_files: tuple[str, ...] = ()
 
     @property
     def spacing(self) -> np.ndarray:
@@ -534,6 +539,45 @@ def resample_stack(hu: np.ndarray, positions_lps_sorted: np.ndarray, iop: Sequen
         w = (t - s[k0]) / (s[k1] - s[k0])
         out[:, :, kk] = np.rint((1.0 - w) * plane(k0) + w * plane(k1))
     return out, affine, source
+
+
+def slice_affine(iop: Sequence[float], pixel_spacing: Sequence[float],
+                 position_lps: Sequence[float]) -> np.ndarray:
+    """Voxel (X, Y, 0) → RAS affine of one DICOM slice's pixel grid (a one-slice volume).
+
+    ``X`` is the column, ``Y`` the row; the third axis is the slice normal at 1 mm per index
+    (only index 0 exists). Used to put labels onto each source slice of a series, whatever the
+    stack's spacing, tilt or order.
+    """
+    return affine_from_dicom(iop, pixel_spacing, position_lps, 1.0)
+
+
+def labels_on_slices(labels: np.ndarray, affine: np.ndarray, positions_lps: np.ndarray,
+                     iop: Sequence[float], pixel_spacing: Sequence[float], rows: int, cols: int
+                     ) -> np.ndarray:
+    """A label map sampled onto the pixel grids of DICOM slices (nearest neighbour, by affines).
+
+    Every slice is treated on its own (its ImagePositionPatient, the shared orientation and
+    pixel spacing), so the frames lie exactly on the source slices of a stack in any order,
+    also one the loader resampled. Labels outside the source grid are 0.
+
+    Args:
+        labels: integer (X, Y, Z) label map on the grid of ``affine`` (voxel → RAS mm).
+        positions_lps: (N, 3) ImagePositionPatient of each slice (LPS mm), any order.
+        iop: ImageOrientationPatient shared by the slices.
+        pixel_spacing: PixelSpacing [row spacing, column spacing] (mm).
+        rows, cols: the slices' Rows and Columns.
+
+    Returns:
+        uint8 (N, rows, cols): frame ``n`` is the DICOM pixel matrix of slice ``n``
+        (row-major, as a SEG frame stores it).
+    """
+    out = np.zeros((len(positions_lps), int(rows), int(cols)), dtype=np.uint8)
+    for n, ipp in enumerate(np.asarray(positions_lps, dtype=float)):
+        plane, _ = labels_to_grid(labels, affine, slice_affine(iop, pixel_spacing, ipp),
+                                  (int(cols), int(rows), 1))
+        out[n] = xyz_slice_to_pixels(plane, 0)
+    return out
 
 
 def xyz_slice_to_pixels(volume: np.ndarray, k: int) -> np.ndarray:
