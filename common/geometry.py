@@ -226,6 +226,36 @@ def resample_to_grid(array: np.ndarray, src_affine: np.ndarray, dst_affine: np.n
         order=order, mode="constant", cval=cval, prefilter=False, output=out_dtype)
 
 
+def resample_onto_footprint(array: np.ndarray, src_affine: np.ndarray, dst_affine: np.ndarray,
+                            dst_shape: Sequence[int], order: int = 1
+                            ) -> tuple[np.ndarray, np.ndarray] | None:
+    """Resample a small array (e.g. a crop's heatmap) onto only the part of a large grid it covers.
+
+    The destination box is the set of destination voxels whose centres can lie inside the
+    source grid (the source's 8 corner centres mapped through patient space, rounded outwards,
+    clipped to ``dst_shape``); only that box is resampled (:func:`resample_to_grid`, ``cval``
+    0), so a 48³ crop costs what the crop costs on a 512² × 300 CT.
+
+    Args:
+        array: float (X, Y, Z) on the grid of ``src_affine`` (voxel → RAS mm).
+        dst_affine: float64 (4, 4) voxel → RAS mm of the large grid; ``dst_shape`` its (X, Y, Z).
+        order: interpolation order (1 linear, 0 nearest).
+
+    Returns:
+        (float32 patch (x, y, z), int64 (3,) start index of the patch on the destination grid),
+        or None when the source lies outside the destination.
+    """
+    corners = box_corners_world(src_affine, [0, 0, 0], np.asarray(array.shape) - 1)
+    ijk = world_to_voxel(dst_affine, corners)
+    lo = np.clip(np.floor(ijk.min(axis=0)).astype(np.int64), 0, np.asarray(dst_shape))
+    hi = np.clip(np.ceil(ijk.max(axis=0)).astype(np.int64) + 1, 0, np.asarray(dst_shape))
+    if np.any(hi <= lo):
+        return None
+    patch = resample_to_grid(np.asarray(array, dtype=np.float32), src_affine,
+                             translate_affine(dst_affine, lo), hi - lo, order=order, cval=0.0)
+    return patch.astype(np.float32, copy=False), lo
+
+
 def grid_for_shape(affine: np.ndarray, shape: Sequence[int], out_shape: Sequence[int]
                    ) -> np.ndarray:
     """Affine of a grid with ``out_shape`` voxels covering the same field of view as ``shape``.
