@@ -226,6 +226,27 @@ def _local(value: str, meaning: str):
     return hd.sr.CodedConcept(value=value, scheme_designator=LOCAL_SCHEME, meaning=meaning)
 
 
+def model_versions(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """``<fold folder>/<file>@<sha256 prefix>`` of each checkpoint (``<file>`` alone outside a
+    ``checkpoints/`` folder; no digest for a file that is gone): the model version the report
+    names, since file names such as ``last.ckpt`` repeat across runs."""
+    import hashlib
+
+    out = []
+    for p in paths:
+        path = Path(p)
+        name = f"{path.parent.parent.name}/{path.name}" if path.parent.name == "checkpoints" \
+            else path.name
+        if path.is_file():
+            digest = hashlib.sha256()
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+            name += f"@sha256:{digest.hexdigest()[:12]}"
+        out.append(name)
+    return out
+
+
 def write_sr(path: str | os.PathLike, probabilities: Mapping[str, float],
              flagged: Sequence[str], threshold: float, threshold_source: str,
              headers: Sequence, models: Mapping[str, Any], versions: Mapping[str, str],
@@ -254,13 +275,12 @@ def write_sr(path: str | os.PathLike, probabilities: Mapping[str, float],
     from common.atomic import atomic_path
 
     sources, notes = prepare_headers(headers)
-    stage2 = [Path(p).parent.parent.name + "/" + Path(p).name if Path(p).parent.name ==
-              "checkpoints" else Path(p).name for p in models.get("stage2", [])]
+    stage1 = model_versions([models["stage1"]]) if models.get("stage1") else []
     parameters = [f"run_id={run_id}", f"operating_point={threshold:g}",
                   f"threshold_source={threshold_source}",
                   f"patient_overall_rule={models.get('rule', '')}",
-                  f"stage1={Path(str(models.get('stage1', ''))).name}",
-                  f"stage2={','.join(stage2)}",
+                  f"stage1={','.join(stage1)}",
+                  f"stage2={','.join(model_versions(models.get('stage2', [])))}",
                   f"torch={versions.get('torch', '')}", f"monai={versions.get('monai', '')}"]
     algorithm = hd.sr.AlgorithmIdentification(
         name="cspine fracture classifier", version=str(versions.get("cspine") or "unknown"),
@@ -327,7 +347,7 @@ def read_sr_probabilities(path: str | os.PathLike) -> dict[str, Any]:
                 flagged.append(target)
     stack = list(sr.ContentSequence)
     while stack:  # the algorithm parameters: TEXT items anywhere in the content tree
-        item = stack.pop()
+        item = stack.pop(0)
         stack.extend(item.get("ContentSequence", []))
         name = item.ConceptNameCodeSequence[0].CodeMeaning if "ConceptNameCodeSequence" in item \
             else ""

@@ -135,6 +135,28 @@ def evaluated_settings(work: Path) -> tuple[str, tuple[float, float]]:
     return rule, clip
 
 
+#: Operating point ("flagged": p ≥ it) when neither the user nor ``metrics.json`` gives one.
+DEFAULT_THRESHOLD = 0.5
+
+
+def operating_point(work: Path | None) -> tuple[float, str]:
+    """The flagging threshold and its source: ``WORK/metrics.json`` → ``operating_point`` (a
+    number in (0, 1)) as ``("metrics.json")``, else (:data:`DEFAULT_THRESHOLD`, ``"default"``).
+
+    ``make evaluate`` does not choose an operating point yet; a metrics.json that records one
+    (by hand or a later evaluate) is used.
+    """
+    metrics = Path(work) / "metrics.json" if work is not None else None
+    if metrics is not None and metrics.is_file():
+        try:
+            value = json.loads(metrics.read_text()).get("operating_point")
+        except (ValueError, AttributeError):
+            value = None
+        if isinstance(value, (int, float)) and 0.0 < float(value) < 1.0:
+            return float(value), "metrics.json"
+    return DEFAULT_THRESHOLD, "default"
+
+
 def evaluated_rule(work: Path) -> str:
     """The ``patient_overall`` rule that ``make evaluate`` recorded (or the default)."""
     return evaluated_settings(work)[0]

@@ -22,6 +22,7 @@ from common.labels import TARGETS, VERTEBRAE
 from common.nifti_io import save_nifti
 from cspine import dicom_out
 from dicom_factory import axial_positions, ramp_stack, write_series
+from seg_check import dice_per_vertebra, seg_back_on_grid
 
 VERSIONS = {"cspine": "0.0.test", "torch": "x", "monai": "y"}
 
@@ -50,45 +51,6 @@ def _series(tmp_path: Path, order: str, n: int = 16) -> Path:
     return folder
 
 
-def _seg_back_on_grid(seg_path: Path, headers: list, shape, affine) -> np.ndarray:
-    """The SEG read back with highdicom, put on the (X, Y, Z) grid of ``affine`` by each frame's
-    ImagePositionPatient; checks each frame lies on the source slice it references."""
-    import highdicom as hd
-
-    seg = hd.seg.segread(seg_path)
-    by_uid = {str(h.SOPInstanceUID): h for h in dicom_out.prepare_headers(headers)[0]}
-    labels = {d.SegmentNumber: d.SegmentLabel for d in seg.SegmentSequence}
-    out = np.zeros(shape, dtype=np.uint8)
-    pixels = seg.pixel_array if seg.NumberOfFrames > 1 else seg.pixel_array[None]
-    for frame, item in zip(pixels, seg.PerFrameFunctionalGroupsSequence):
-        ipp = np.array([float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient])
-        uid = item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
-        source = by_uid[str(uid)]
-        assert np.allclose(ipp, [float(v) for v in source.ImagePositionPatient], atol=1e-4)
-        ijk = geometry.world_to_voxel(affine, (geometry.LPS_TO_RAS[:3, :3] @ ipp)[None])[0]
-        number = item.SegmentIdentificationSequence[0].ReferencedSegmentNumber
-        value = VERTEBRAE.index(labels[number]) + 1
-        # a frame's pixel (row r, column c) lies at IPP + c·dc·row_dir + r·dr·col_dir (LPS)
-        iop = np.asarray(source.ImageOrientationPatient, float)
-        dr, dc = (float(v) for v in source.PixelSpacing)
-        rc = np.argwhere(frame > 0)
-        p = ipp + np.outer(rc[:, 1] * dc, iop[:3]) + np.outer(rc[:, 0] * dr, iop[3:])
-        v = geometry.world_to_voxel(affine, (geometry.LPS_TO_RAS[:3, :3] @ p.T).T)
-        assert np.allclose(v, np.round(v), atol=1e-3) and np.allclose(v[:, 2], ijk[2], atol=1e-3)
-        i, j, k = np.round(v).astype(int).T
-        out[i, j, k] = value
-    return out
-
-
-def _dice_per_vertebra(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
-    out = {}
-    for i, v in enumerate(VERTEBRAE, start=1):
-        x, y = a == i, b == i
-        if x.any() or y.any():
-            out[v] = 2 * float((x & y).sum()) / float(x.sum() + y.sum())
-    return out
-
-
 @pytest.mark.parametrize("order", ["descending", "ascending"])
 def test_seg_round_trip_rsna_style(order, tmp_path):
     study = _series(tmp_path, order)
@@ -101,8 +63,8 @@ def test_seg_round_trip_rsna_style(order, tmp_path):
     info = dicom_out.write_seg(tmp_path / "seg.dcm", nifti, img.affine, headers, VERSIONS, "r1")
     assert info["segments"] == {v: i for i, v in enumerate(VERTEBRAE, start=1)}
     assert any("FrameOfReferenceUID missing" in n for n in info["header_fills"])
-    back = _seg_back_on_grid(tmp_path / "seg.dcm", headers, nifti.shape, img.affine)
-    dice = _dice_per_vertebra(back, nifti)
+    back = seg_back_on_grid(tmp_path / "seg.dcm", headers, nifti.shape, img.affine)
+    dice = dice_per_vertebra(back, nifti)
     assert set(dice) == set(VERTEBRAE) and all(d == 1.0 for d in dice.values()), dice
     # the anatomic codes: SNOMED CT C1..C7 vertebra under "Anatomical Structure"
     import highdicom as hd
@@ -132,8 +94,8 @@ def test_seg_of_a_flipped_mask_fails_the_check(tmp_path):
     headers = dicom_out.read_source_headers(volume)
     dicom_out.write_seg(tmp_path / "seg.dcm", mask[:, ::-1].copy(), volume.affine, headers,
                         VERSIONS, "r1")
-    back = _seg_back_on_grid(tmp_path / "seg.dcm", headers, mask.shape, volume.affine)
-    assert min(_dice_per_vertebra(back, mask).values()) < 0.9
+    back = seg_back_on_grid(tmp_path / "seg.dcm", headers, mask.shape, volume.affine)
+    assert min(dice_per_vertebra(back, mask).values()) < 0.9
 
 
 def test_seg_round_trip_real_totalsegmentator(realdata, tmp_path):
@@ -151,8 +113,8 @@ def test_seg_round_trip_real_totalsegmentator(realdata, tmp_path):
     info = dicom_out.write_seg(tmp_path / "seg.dcm", mask, img.affine, headers, VERSIONS, "r2")
     fills = " | ".join(info["header_fills"])
     assert "SOPClassUID empty" in fills and "SeriesInstanceUID empty" in fills
-    back = _seg_back_on_grid(tmp_path / "seg.dcm", headers, mask.shape, img.affine)
-    dice = _dice_per_vertebra(back, mask)
+    back = seg_back_on_grid(tmp_path / "seg.dcm", headers, mask.shape, img.affine)
+    dice = dice_per_vertebra(back, mask)
     assert len(dice) == 7 and all(d == 1.0 for d in dice.values()), dice
 
 
@@ -178,8 +140,11 @@ def test_sr_holds_the_eight_values(tmp_path):
     headers = dicom_out.read_source_headers(volume)
     probs = {t: round(0.05 + 0.11 * i, 4) for i, t in enumerate(TARGETS)}
     flagged = [v for v in VERTEBRAE if probs[v] >= 0.42]
+    ckpt = tmp_path / "stage2" / "fold0" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"weights")
     models = {"stage1": "/w/stage1/checkpoints/best.ckpt", "rule": "max",
-              "stage2": ["/w/stage2/fold0/checkpoints/last.ckpt"]}
+              "stage2": [str(ckpt)]}
     dicom_out.write_sr(tmp_path / "sr.dcm", probs, flagged, 0.42, "metrics.json", headers,
                        models, VERSIONS, "run-abc")
     back = dicom_out.read_sr_probabilities(tmp_path / "sr.dcm")
@@ -187,7 +152,8 @@ def test_sr_holds_the_eight_values(tmp_path):
         list(TARGETS)
     assert back["flagged"] == flagged == ["C5", "C6", "C7"]
     assert {"run_id=run-abc", "operating_point=0.42", "threshold_source=metrics.json",
-            "stage2=fold0/last.ckpt", "patient_overall_rule=max"} <= set(back["parameters"])
+            "stage2=fold0/last.ckpt@sha256:9a129038d9a0", "stage1=stage1/best.ckpt",
+            "patient_overall_rule=max"} <= set(back["parameters"])
     assert back["study_uid"] == headers[0].StudyInstanceUID
 
 
