@@ -58,8 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "highest activation (a forward and backward pass per fold model and "
                              "flagged vertebra)")
     parser.add_argument("--cam-nifti", action="store_true",
-                        help="with --cam: also write OUT/cam_heatmap.nii.gz (uint8 0-255) in the "
-                             "input's geometry")
+                        help="also write the --cam map (implies --cam) as "
+                             "OUT/cam_heatmap.nii.gz (uint8 0-255) in the input's geometry")
     parser.add_argument("--saliency", action="store_true",
                         help="deprecated: the same as --cam")
     parser.add_argument("--dicom", action="store_true",
