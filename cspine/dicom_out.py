@@ -356,3 +356,41 @@ def read_sr_probabilities(path: str | os.PathLike) -> dict[str, Any]:
             parameters.append(str(item.TextValue))
     return {"probabilities": probs, "flagged": flagged, "parameters": parameters,
             "study_uid": str(sr.StudyInstanceUID)}
+
+
+def write_study_dicom(folder: str | os.PathLike, volume: geometry.Volume, labels: np.ndarray,
+                      affine: np.ndarray, probabilities: Mapping[str, float],
+                      flagged: Sequence[str], threshold: float, threshold_source: str,
+                      models: Mapping[str, Any], versions: Mapping[str, str], run_id: str,
+                      warnings: list[str]) -> dict[str, Any]:
+    """``vertebrae_seg.dcm`` and ``report_sr.dcm`` of one study into ``folder``.
+
+    A problem (no source DICOM, no vertebra, headers highdicom refuses) becomes one line in
+    ``warnings`` and the ``error`` of that output's entry, never an exception, so the caller's
+    other outputs are still written.
+
+    Returns:
+        ``{"seg": info, "sr": info}`` (:func:`write_seg`, :func:`write_sr`), or
+        ``{"error": line}`` when the source headers cannot be read.
+    """
+    folder = Path(folder)
+    try:
+        headers = read_source_headers(volume)
+    except DicomOutputError as err:
+        warnings.append(f"{err} (--dicom: no SEG/SR written; the other outputs are)")
+        return {"error": str(err)}
+    jobs = (("seg", lambda: write_seg(folder / "vertebrae_seg.dcm", labels, affine, headers,
+                                      versions, run_id)),
+            ("sr", lambda: write_sr(folder / "report_sr.dcm", probabilities, flagged, threshold,
+                                    threshold_source, headers, models, versions, run_id)))
+    out: dict[str, Any] = {}
+    for key, write in jobs:
+        try:
+            out[key] = write()
+        except (DicomOutputError, ValueError, AttributeError, TypeError) as exc:
+            # highdicom raises ValueError/AttributeError on headers it cannot use
+            line = " ".join(f"{volume.study_uid}: --dicom: {key.upper()} not written: "
+                            f"{type(exc).__name__}: {exc}".split())
+            warnings.append(line)
+            out[key] = {"error": line}
+    return out

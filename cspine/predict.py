@@ -108,7 +108,8 @@ def load_input(path: str | os.PathLike, lenient: bool = False):
         raise PredictError(f"{one_line(str(err))}{extra}{hint}") from None
 
 
-def _versions() -> dict[str, str]:
+def package_versions() -> dict[str, str]:
+    """Installed versions of cspine and the packages its results depend on."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
@@ -232,7 +233,7 @@ def predict_study(study: str | os.PathLike, out_dir: str | os.PathLike, engine: 
         "timing_s": {"load_models": round(engine.load_seconds, 3),
                      "load_input": round(t_load, 3),
                      **{k: round(v, 3) for k, v in result.timing_s.items()}},
-        "versions": _versions(),
+        "versions": package_versions(),
         "warnings": warnings,
     }
     written = list(OUTPUT_FILES)
@@ -256,7 +257,12 @@ def predict_study(study: str | os.PathLike, out_dir: str | os.PathLike, engine: 
         doc["timing_s"]["overview"] = round(time.perf_counter() - t0, 3)
         if dicom:
             t0 = time.perf_counter()
-            doc["dicom"] = _write_dicom(tmp, volume, mask, original_affine, doc, warnings)
+            from cspine.dicom_out import write_study_dicom
+
+            doc["dicom"] = write_study_dicom(
+                tmp, volume, mask, original_affine, doc["probabilities"], doc["flagged"],
+                threshold, threshold_source, doc["models"] or {}, doc["versions"], run_id,
+                warnings)
             written += [f for f in ("vertebrae_seg.dcm", "report_sr.dcm") if (tmp / f).exists()]
             doc["timing_s"]["dicom"] = round(time.perf_counter() - t0, 3)
         doc["timing_s"]["total"] = round(time.perf_counter() - t_start, 3)
@@ -267,35 +273,6 @@ def predict_study(study: str | os.PathLike, out_dir: str | os.PathLike, engine: 
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return doc
-
-
-def _write_dicom(tmp: Path, volume, mask: np.ndarray, affine: np.ndarray, doc: dict[str, Any],
-                 warnings: list[str]) -> dict[str, Any]:
-    """The SEG and SR of :mod:`cspine.dicom_out` into ``tmp``; a problem becomes a warning
-    (and the ``error`` of the returned ``dicom`` entry), never an exception."""
-    from cspine import dicom_out
-
-    out: dict[str, Any] = {}
-    try:
-        headers = dicom_out.read_source_headers(volume)
-    except dicom_out.DicomOutputError as err:
-        warnings.append(f"{err} (--dicom: no SEG/SR written; the other outputs are)")
-        return {"error": str(err)}
-    for key, write in (("seg", lambda: dicom_out.write_seg(
-            tmp / "vertebrae_seg.dcm", mask, affine, headers, doc["versions"], doc["run_id"])),
-                       ("sr", lambda: dicom_out.write_sr(
-            tmp / "report_sr.dcm", doc["probabilities"], doc["flagged"], doc["threshold"],
-            doc["threshold_source"], headers, doc["models"] or {}, doc["versions"],
-            doc["run_id"]))):
-        try:
-            out[key] = write()
-        except (dicom_out.DicomOutputError, ValueError, AttributeError, TypeError) as exc:
-            # highdicom raises ValueError/AttributeError on headers it cannot use
-            line = one_line(f"{volume.study_uid}: --dicom: {key.upper()} not written: "
-                            f"{type(exc).__name__}: {exc}")
-            warnings.append(line)
-            out[key] = {"error": line}
-    return out
 
 
 def run_engine(engine: StudyEngine, volume, study: str | os.PathLike) -> StudyResult:

@@ -162,3 +162,15 @@ def test_no_source_dicom_is_a_clear_error():
                              file_numbers=np.arange(4), study_uid="ct_from_nifti")
     with pytest.raises(dicom_out.DicomOutputError, match="ct_from_nifti: no source DICOM"):
         dicom_out.read_source_headers(volume)
+
+
+def test_source_files_survive_the_volume_cache(tmp_path):
+    """A volume read back from the decode cache still names its source files (for --dicom)."""
+    from common.volume_cache import load_study
+
+    study = _series(tmp_path, "descending")
+    first, how = load_study(study, cache_dir=tmp_path / "cache", keep=True)
+    again, how_again = load_study(study, cache_dir=tmp_path / "cache")
+    assert (how, how_again) == ("decoded", "cache")
+    assert again.source_files == first.source_files and len(first.source_files) == 16
+    assert [Path(p).name for p in first.source_files] == [f"{n}.dcm" for n in range(16, 0, -1)]
