@@ -63,7 +63,8 @@ def read_source_headers(volume: geometry.Volume) -> list:
     if not volume.source_files:
         raise DicomOutputError(
             f"{volume.study_uid}: no source DICOM series to reference (the input is not a "
-            f"DICOM folder); DICOM SEG/SR need the study's DICOM folder as input")
+            f"DICOM folder, or its decode-cache entry predates the stored source files); DICOM "
+            f"SEG/SR need the study's DICOM folder as input")
     out = []
     for path in volume.source_files:
         try:
@@ -362,11 +363,11 @@ def write_study_dicom(folder: str | os.PathLike, volume: geometry.Volume, labels
                       affine: np.ndarray, probabilities: Mapping[str, float],
                       flagged: Sequence[str], threshold: float, threshold_source: str,
                       models: Mapping[str, Any], versions: Mapping[str, str], run_id: str,
-                      warnings: list[str]) -> dict[str, Any]:
+                      problems: list[str]) -> dict[str, Any]:
     """``vertebrae_seg.dcm`` and ``report_sr.dcm`` of one study into ``folder``.
 
     A problem (no source DICOM, no vertebra, headers highdicom refuses) becomes one line in
-    ``warnings`` and the ``error`` of that output's entry, never an exception, so the caller's
+    ``problems`` and the ``error`` of that output's entry, never an exception, so the caller's
     other outputs are still written.
 
     Returns:
@@ -377,7 +378,7 @@ def write_study_dicom(folder: str | os.PathLike, volume: geometry.Volume, labels
     try:
         headers = read_source_headers(volume)
     except DicomOutputError as err:
-        warnings.append(f"{err} (--dicom: no SEG/SR written; the other outputs are)")
+        problems.append(f"{err} (--dicom: no SEG/SR written; the other outputs are)")
         return {"error": str(err)}
     jobs = (("seg", lambda: write_seg(folder / "vertebrae_seg.dcm", labels, affine, headers,
                                       versions, run_id)),
@@ -391,6 +392,6 @@ def write_study_dicom(folder: str | os.PathLike, volume: geometry.Volume, labels
             # highdicom raises ValueError/AttributeError on headers it cannot use
             line = " ".join(f"{volume.study_uid}: --dicom: {key.upper()} not written: "
                             f"{type(exc).__name__}: {exc}".split())
-            warnings.append(line)
+            problems.append(line)
             out[key] = {"error": line}
     return out
