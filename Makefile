@@ -92,6 +92,7 @@ SHARD ?=
 # ANATOMY_LIMITS=FILE: YAML overriding the anatomy check's limits (stage1_segment/anatomy.py)
 ANATOMY_LIMITS ?=
 IF_WORSE ?=
+DICOM ?=
 .PHONY: stage2-fit evaluate submit
 stage2-fit: install  ## train stage 2 (FOLD=k, else every fold of STAGE2_FOLDS in turn; STAGE2_CONFIG, STAGE2_ARGS) on WORK/stage1/crops/vertebrae.csv + DATA/train.csv + WORK/folds.csv -> WORK/stage2/fold<k>/ (checkpoints, run.json, wandb), WORK/stage2/oof/fold<k>.csv; a finished fold with the same settings and inputs is skipped, an interrupted one resumes, a stale one moves to fold<k>.stale-<n>/
 	$(VENV)/bin/cspine fit stage2 $(DATA) --work $(WORK) -c $(STAGE2_CONFIG) --folds $(if $(FOLD),$(FOLD),$(STAGE2_FOLDS)) $(STAGE2_ARGS)
@@ -99,8 +100,8 @@ stage2-fit: install  ## train stage 2 (FOLD=k, else every fold of STAGE2_FOLDS i
 evaluate: install  ## stage-2 OOF evaluation: WORK/stage2/oof/fold*.csv + DATA/train.csv -> WORK/oof.csv, WORK/metrics.json (records the rule, clip and the operating points for sensitivities 0.80/0.90/0.95 + Youden), WORK/report/{roc,calibration}.png, WORK/stage2/stacker.json (AGG_RULE, CLIP)
 	$(PY) -m stage2_classify.evaluate --work $(WORK) --data $(DATA) $(if $(AGG_RULE),--rule $(AGG_RULE)) $(if $(CLIP),--clip $(CLIP))
 
-submit: install  ## the whole test-time engine over the test studies (rule and clip as evaluate recorded, unless AGG_RULE/CLIP): DATA/test_images + WORK/stage1 + WORK/stage2 -> WORK/submission.csv (the rows of test.csv/sample_submission.csv), WORK/predict/<UID>/, WORK/stage2/submit_qc.csv; SHARD=i/N for one share
-	$(VENV)/bin/cspine submit $(DATA) --work $(WORK) --jobs $(JOBS) $(if $(AGG_RULE),--rule $(AGG_RULE)) $(if $(CLIP),--clip $(CLIP)) $(if $(SHARD),--shard $(SHARD)) $(if $(IF_WORSE),--if-worse-than-prior $(IF_WORSE)) $(if $(ANATOMY_LIMITS),--anatomy-limits $(ANATOMY_LIMITS))
+submit: install  ## the whole test-time engine over the test studies (rule and clip as evaluate recorded, unless AGG_RULE/CLIP): DATA/test_images + WORK/stage1 + WORK/stage2 -> WORK/submission.csv (the rows of test.csv/sample_submission.csv), WORK/predict/<UID>/, WORK/stage2/submit_qc.csv; SHARD=i/N for one share; DICOM=1 adds each study's DICOM SEG + SR
+	$(VENV)/bin/cspine submit $(DATA) --work $(WORK) --jobs $(JOBS) $(if $(AGG_RULE),--rule $(AGG_RULE)) $(if $(CLIP),--clip $(CLIP)) $(if $(SHARD),--shard $(SHARD)) $(if $(IF_WORSE),--if-worse-than-prior $(IF_WORSE)) $(if $(DICOM),--dicom) $(if $(ANATOMY_LIMITS),--anatomy-limits $(ANATOMY_LIMITS))
 
 # ---------------------------------------------------------------- external validation
 # VAL_DATA: labelled studies not used for training (RSNA-layout folder or CSV, see

@@ -108,7 +108,8 @@ def load_series(study_dir: str | os.PathLike, lenient: bool = False,
 
     Returns:
         A :class:`~common.geometry.Volume`: ``hu`` int16 (X, Y, Z), ``affine`` float64 4×4
-        voxel → RAS mm, ``file_numbers`` int64 (Z,), ``study_uid`` = folder name, ``qc``.
+        voxel → RAS mm, ``file_numbers`` int64 (Z,), ``study_uid`` = folder name, ``qc``,
+        ``source_files`` (the decoded files, in the sorted slice order).
 
     Raises:
         SeriesError: the folder cannot be read safely in this mode (``.reason`` is the code,
@@ -177,7 +178,8 @@ def load_series(study_dir: str | os.PathLike, lenient: bool = False,
     elif qc["warnings"] or qc["files_skipped"]:
         qc["status"] = "warned"
     qc["timings"]["total_s"] = round(time.perf_counter() - t0, 4)
-    return Volume(hu=hu, affine=affine, file_numbers=file_numbers, study_uid=scan.study, qc=qc)
+    return Volume(hu=hu, affine=affine, file_numbers=file_numbers, study_uid=scan.study, qc=qc,
+                  source_files=tuple(h.path for h in plan.slices))
 
 
 def scan_series(study_dir: str | os.PathLike) -> dict[str, Any]:

@@ -49,6 +49,10 @@ class Volume:
             ``train_bounding_boxes.csv``); ``-1`` where a slice was synthesised by repair.
         study_uid: the study folder name.
         qc: the per-study QC record (a plain dict, JSON serialisable).
+        source_files: paths of the DICOM files the volume was decoded from, one per source
+            slice, in the loader's order (ascending along the slice normal). For a stack the
+            loader resampled (lenient repairs) these are the source slices, not the volume's;
+            empty for a NIfTI input. DICOM outputs (SEG, SR) reference these files.
     """
 
     hu: np.ndarray
@@ -56,6 +60,7 @@ class Volume:
     file_numbers: np.ndarray
     study_uid: str = ""
     qc: dict[str, Any] = field(default_factory=dict)
+    source_files: tuple[str, ...] = ()
 
     @property
     def spacing(self) -> np.ndarray:
@@ -219,6 +224,36 @@ def resample_to_grid(array: np.ndarray, src_affine: np.ndarray, dst_affine: np.n
     return ndimage.affine_transform(
         sub, m[:3, :3], offset=m[:3, 3] - lo, output_shape=dst_shape,
         order=order, mode="constant", cval=cval, prefilter=False, output=out_dtype)
+
+
+def resample_onto_footprint(array: np.ndarray, src_affine: np.ndarray, dst_affine: np.ndarray,
+                            dst_shape: Sequence[int], order: int = 1
+                            ) -> tuple[np.ndarray, np.ndarray] | None:
+    """Resample a small array (e.g. a crop's heatmap) onto only the part of a large grid it covers.
+
+    The destination box is the set of destination voxels whose centres can lie inside the
+    source grid (the source's 8 corner centres mapped through patient space, rounded outwards,
+    clipped to ``dst_shape``); only that box is resampled (:func:`resample_to_grid`, ``cval``
+    0), so a 48³ crop costs what the crop costs on a 512² × 300 CT.
+
+    Args:
+        array: float (X, Y, Z) on the grid of ``src_affine`` (voxel → RAS mm).
+        dst_affine: float64 (4, 4) voxel → RAS mm of the large grid; ``dst_shape`` its (X, Y, Z).
+        order: interpolation order (1 linear, 0 nearest).
+
+    Returns:
+        (float32 patch (x, y, z), int64 (3,) start index of the patch on the destination grid),
+        or None when the source lies outside the destination.
+    """
+    corners = box_corners_world(src_affine, [0, 0, 0], np.asarray(array.shape) - 1)
+    ijk = world_to_voxel(dst_affine, corners)
+    lo = np.clip(np.floor(ijk.min(axis=0)).astype(np.int64), 0, np.asarray(dst_shape))
+    hi = np.clip(np.ceil(ijk.max(axis=0)).astype(np.int64) + 1, 0, np.asarray(dst_shape))
+    if np.any(hi <= lo):
+        return None
+    patch = resample_to_grid(np.asarray(array, dtype=np.float32), src_affine,
+                             translate_affine(dst_affine, lo), hi - lo, order=order, cval=0.0)
+    return patch.astype(np.float32, copy=False), lo
 
 
 def grid_for_shape(affine: np.ndarray, shape: Sequence[int], out_shape: Sequence[int]
@@ -534,6 +569,45 @@ def resample_stack(hu: np.ndarray, positions_lps_sorted: np.ndarray, iop: Sequen
         w = (t - s[k0]) / (s[k1] - s[k0])
         out[:, :, kk] = np.rint((1.0 - w) * plane(k0) + w * plane(k1))
     return out, affine, source
+
+
+def slice_affine(iop: Sequence[float], pixel_spacing: Sequence[float],
+                 position_lps: Sequence[float]) -> np.ndarray:
+    """Voxel (X, Y, 0) → RAS affine of one DICOM slice's pixel grid (a one-slice volume).
+
+    ``X`` is the column, ``Y`` the row; the third axis is the slice normal at 1 mm per index
+    (only index 0 exists). Used to put labels onto each source slice of a series, whatever the
+    stack's spacing, tilt or order.
+    """
+    return affine_from_dicom(iop, pixel_spacing, position_lps, 1.0)
+
+
+def labels_on_slices(labels: np.ndarray, affine: np.ndarray, positions_lps: np.ndarray,
+                     iop: Sequence[float], pixel_spacing: Sequence[float], rows: int, cols: int
+                     ) -> np.ndarray:
+    """A label map sampled onto the pixel grids of DICOM slices (nearest neighbour, by affines).
+
+    Every slice is treated on its own (its ImagePositionPatient, the shared orientation and
+    pixel spacing), so the frames lie exactly on the source slices of a stack in any order,
+    also one the loader resampled. Labels outside the source grid are 0.
+
+    Args:
+        labels: integer (X, Y, Z) label map on the grid of ``affine`` (voxel → RAS mm).
+        positions_lps: (N, 3) ImagePositionPatient of each slice (LPS mm), any order.
+        iop: ImageOrientationPatient shared by the slices.
+        pixel_spacing: PixelSpacing [row spacing, column spacing] (mm).
+        rows, cols: the slices' Rows and Columns.
+
+    Returns:
+        uint8 (N, rows, cols): frame ``n`` is the DICOM pixel matrix of slice ``n``
+        (row-major, as a SEG frame stores it).
+    """
+    out = np.zeros((len(positions_lps), int(rows), int(cols)), dtype=np.uint8)
+    for n, ipp in enumerate(np.asarray(positions_lps, dtype=float)):
+        plane, _ = labels_to_grid(labels, affine, slice_affine(iop, pixel_spacing, ipp),
+                                  (int(cols), int(rows), 1))
+        out[n] = xyz_slice_to_pixels(plane, 0)
+    return out
 
 
 def xyz_slice_to_pixels(volume: np.ndarray, k: int) -> np.ndarray:

@@ -11,7 +11,8 @@ Layout: ``$WORK/cache/volumes/<StudyInstanceUID>.npz`` (uncompressed; written at
 
 * ``hu``: int16 (X, Y, Z) HU, as :func:`common.dicom_io.load_series` returns it;
 * ``affine``: float64 (4, 4) voxel → RAS mm; ``file_numbers``: int64 (Z,);
-* ``qc``: the load's QC record (JSON text); ``key``: what the entry is valid for (JSON text):
+* ``qc``: the load's QC record (JSON text); ``source_files``: the decoded files' names in slice
+  order (JSON text; for the DICOM outputs); ``key``: what the entry is valid for (JSON text):
   the series folder's file names, sizes and modification times, the ``lenient`` mode and the
   cache version. An entry whose key differs (files changed, other mode) is decoded again.
 
@@ -80,7 +81,7 @@ def load_study(study_dir: str | os.PathLike, lenient: bool = False,
     cached = path is not None and path.is_file()
     key = series_key(study_dir, lenient) if cached or (path is not None and keep) else None
     if cached:
-        volume = _read(path, key)
+        volume = _read(path, key, Path(study_dir))
         if volume is not None:
             volume.qc["load_seconds"] = time.perf_counter() - t0
             return volume, "cache"
@@ -90,18 +91,23 @@ def load_study(study_dir: str | os.PathLike, lenient: bool = False,
                  file_numbers=volume.file_numbers.astype(np.int64),
                  uid=np.array(volume.study_uid),
                  qc=np.array(json.dumps(volume.qc, default=str)),
-                 key=np.array(json.dumps(key)))
+                 key=np.array(json.dumps(key)),
+                 source_files=np.array(json.dumps([Path(p).name for p in volume.source_files])))
     volume.qc["load_seconds"] = time.perf_counter() - t0
     return volume, "decoded"
 
 
-def _read(path: Path, key: dict[str, Any] | None) -> Volume | None:
-    """The cached volume, or None when the entry is stale or unreadable."""
+def _read(path: Path, key: dict[str, Any] | None, study_dir: Path) -> Volume | None:
+    """The cached volume, or None when the entry is stale or unreadable. The source files are
+    stored by name (the key pins the folder's files) and put back under ``study_dir``; an entry
+    written before they were stored has none (DICOM outputs then report it)."""
     try:
         with np.load(path, allow_pickle=False) as z:
             if json.loads(str(z["key"])) != key:
                 return None
+            names = json.loads(str(z["source_files"])) if "source_files" in z.files else []
             return Volume(hu=z["hu"], affine=z["affine"], file_numbers=z["file_numbers"],
-                          study_uid=str(z["uid"]), qc=json.loads(str(z["qc"])))
+                          study_uid=str(z["uid"]), qc=json.loads(str(z["qc"])),
+                          source_files=tuple(str(study_dir / n) for n in names))
     except (OSError, ValueError, KeyError):  # a damaged entry is decoded again
         return None

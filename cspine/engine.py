@@ -187,7 +187,7 @@ class StudyEngine:
 
     @property
     def differentiable(self) -> bool:
-        """Whether the stage-2 models are torch modules (saliency needs gradients)."""
+        """Whether the stage-2 models are torch modules (class-activation maps need gradients)."""
         import torch
 
         return bool(self.stage2) and isinstance(self.stage2[0], torch.nn.Module)

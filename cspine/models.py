@@ -136,6 +136,39 @@ def evaluated_settings(work: Path) -> tuple[str, tuple[float, float]]:
     return rule, clip
 
 
+#: Operating point ("flagged": p ≥ it) when neither the user nor ``metrics.json`` gives one.
+DEFAULT_THRESHOLD = 0.5
+
+
+#: The out-of-fold operating point that flags a vertebra by default (the one ``cspine validate``
+#: reports by default too): the pooled C1..C7 threshold at 90 % sensitivity.
+DEFAULT_POINT = "sens90"
+
+
+def operating_point(work: Path | None) -> tuple[float, str]:
+    """The flagging threshold and its source, from ``WORK/metrics.json``: an explicit
+    ``operating_point`` number in (0, 1) (``"metrics.json"``), else the pooled-vertebra
+    threshold that ``make evaluate`` chose on the out-of-fold rows at :data:`DEFAULT_POINT`
+    (``"metrics.json operating_points.vertebrae.sens90 (out of fold)"``), else
+    (:data:`DEFAULT_THRESHOLD`, ``"default"``)."""
+    metrics = Path(work) / "metrics.json" if work is not None else None
+    doc: dict[str, Any] = {}
+    if metrics is not None and metrics.is_file():
+        try:
+            doc = json.loads(metrics.read_text())
+        except ValueError:
+            doc = {}
+    value = doc.get("operating_point") if isinstance(doc, dict) else None
+    if isinstance(value, (int, float)) and 0.0 < float(value) < 1.0:
+        return float(value), "metrics.json"
+    point = ((doc.get("operating_points") or {}).get("vertebrae") or {}).get(DEFAULT_POINT) \
+        if isinstance(doc, dict) else None
+    value = point.get("threshold") if isinstance(point, dict) else None
+    if isinstance(value, (int, float)) and 0.0 < float(value) < 1.0:
+        return float(value), f"metrics.json operating_points.vertebrae.{DEFAULT_POINT} (out of fold)"
+    return DEFAULT_THRESHOLD, "default"
+
+
 def evaluated_rule(work: Path) -> str:
     """The ``patient_overall`` rule that ``make evaluate`` recorded (or the default)."""
     return evaluated_settings(work)[0]

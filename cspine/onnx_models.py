@@ -13,7 +13,7 @@ gives the checkpoints' probabilities (tests/test_export.py: to 1e-4).
 :class:`stage1_segment.module.Stage1Module` / :class:`stage2_classify.module.CropClassifier`
 (``hparams``, ``predict_probs`` / ``predict_proba``, ``preprocess``, ``prior_dict``, a device),
 on ONNX Runtime's CPU (or CUDA) provider. They have no gradients: ``cspine predict`` then shows
-each flagged vertebra's centre slice instead of its saliency maximum.
+each flagged vertebra's centre slice instead of its class-activation maximum (no `--cam`).
 """
 
 from __future__ import annotations

@@ -3,9 +3,14 @@
 Left panel: the sagittal CT slice through the middle of the predicted cervical spine (bone
 window), each predicted vertebra tinted in its own colour and labelled ``C3 0.82`` with its
 fracture probability (red text when flagged, i.e. p ≥ threshold). Right panels: for each flagged
-vertebra, the axial slice of highest suspicion (the slice of largest stage-2 input-gradient
-saliency, :func:`cspine.predict.saliency_points`; the vertebra's centre slice when no point is
-given) with the vertebra outlined.
+vertebra, the axial slice of highest suspicion (the crop slice of largest stage-2 class
+activation, :func:`stage2_classify.cam.peak_slice_points`; the vertebra's centre slice when no
+point is given) with the vertebra outlined.
+
+With a heatmap (``cspine predict --cam``: the stage-2 CAMs of the flagged vertebrae on the CT
+grid, :func:`stage2_classify.cam.cams_on_grid`) the map is drawn in colour (jet, transparent
+below 30 % of its maximum, more opaque where higher) over the axial panels (that slice of the
+map) and over the sagittal panel (its maximum over left–right, so a lateral crack shows too).
 
 The CT is shown in an L, P, S axis order (:func:`common.geometry.reorient`, an exact
 permutation), with pixel aspect from the voxel spacing: anterior is left, superior is up in the
@@ -50,7 +55,8 @@ def render_overview(path: str | os.PathLike, volume: Volume, grid_mask: np.ndarr
                     grid_affine: np.ndarray, probs: Mapping[str, float],
                     threshold: float, title: str = "",
                     axial_points: Mapping[str, np.ndarray] | None = None,
-                    warning: str = "") -> None:
+                    warning: str = "", heatmap: np.ndarray | None = None,
+                    heatmap_label: str = "") -> None:
     """Write the overview PNG (atomically).
 
     Args:
@@ -63,7 +69,9 @@ def render_overview(path: str | os.PathLike, volume: Volume, grid_mask: np.ndarr
         title: figure title (study name).
         warning: shown in red under the title (e.g. an implausible segmentation), if any.
         axial_points: per flagged vertebra, a world point (RAS mm) whose axial slice to show
-            (the slice of highest stage-2 saliency); vertebrae without one show their centre.
+            (the slice of highest stage-2 activation); vertebrae without one show their centre.
+        heatmap: uint8 (X, Y, Z) on the CT grid (``volume.affine``), 0..255, or None.
+        heatmap_label: what the map is (legend text).
     """
     import matplotlib
     matplotlib.use("Agg")
@@ -73,6 +81,8 @@ def render_overview(path: str | os.PathLike, volume: Volume, grid_mask: np.ndarr
 
     # a view (no copy of the volume): only the drawn slices are read
     hu, affine = geometry.reorient(volume.hu, volume.affine, "LPS", contiguous=False)
+    heat = geometry.reorient(heatmap, volume.affine, "LPS", contiguous=False)[0] \
+        if heatmap is not None else None
     sx, sy, sz = geometry.spacing_of(affine)
     nx, ny, nz = hu.shape
     # positions come from the model-grid labels (small); only the drawn planes are mapped onto
@@ -97,6 +107,9 @@ def render_overview(path: str | os.PathLike, volume: Volume, grid_mask: np.ndarr
     sag = _tint(_window(hu[x_mid]).T, _plane(grid_mask, grid_affine, affine, hu.shape, 0,
                                               x_mid).T)
     ax.imshow(sag, origin="lower", extent=(0, ny * sy, 0, nz * sz), interpolation="nearest")
+    if heat is not None:
+        ax.imshow(_heat_rgba(heat.max(axis=0).T), origin="lower", extent=(0, ny * sy, 0, nz * sz),
+                  interpolation="nearest")
     centres = {v: (c[1] * sy, c[2] * sz) for v, c in centre.items()}
     for v, (y, z), z_text in zip(centres, centres.values(),
                                  _spread([c[1] for c in centres.values()], nz * sz * 0.055)):
@@ -112,7 +125,9 @@ def render_overview(path: str | os.PathLike, volume: Volume, grid_mask: np.ndarr
     missing = [v for v in VERTEBRAE if v not in present]
     overall = "withheld" if warning else f"{probs.get(OVERALL, float('nan')):.2f}"
     ax.set_title(f"sagittal (x={x_mid}); patient_overall {overall}"
-                 + (f"\nnot found: {', '.join(missing)}" if missing else ""), fontsize=9)
+                 + (f"\nnot found: {', '.join(missing)}" if missing else "")
+                 + (f"\ncolour: {heatmap_label} map, max over left-right"
+                    if heat is not None else ""), fontsize=9)
     ax.set_xlabel("anterior → posterior (mm)", fontsize=8)
     ax.set_ylabel("inferior → superior (mm)", fontsize=8)
     ax.tick_params(labelsize=7)
@@ -124,10 +139,13 @@ def render_overview(path: str | os.PathLike, volume: Volume, grid_mask: np.ndarr
         if axial_points and v in axial_points:
             ijk = geometry.world_to_voxel(affine, np.asarray(axial_points[v])[None])[0]
             if 0 <= round(ijk[2]) < nz:
-                z, how = int(round(ijk[2])), "max saliency"
+                z, how = int(round(ijk[2])), "max activation"
         # axial plane at z: rows = Y (anterior up), columns = X (patient right on the left).
         ax.imshow(_window(hu[:, :, z]).T, cmap="gray", origin="upper",
                   extent=(0, nx * sx, ny * sy, 0), interpolation="nearest")
+        if heat is not None:
+            ax.imshow(_heat_rgba(heat[:, :, z].T), origin="upper",
+                      extent=(0, nx * sx, ny * sy, 0), interpolation="bilinear")
         ax.contour(np.arange(nx) * sx + sx / 2, np.arange(ny) * sy + sy / 2,
                    (_plane(grid_mask, grid_affine, affine, hu.shape, 2, z) == i).T.astype(float),
                    levels=[0.5], colors=["#d62728"],
@@ -150,6 +168,17 @@ def render_overview(path: str | os.PathLike, volume: Volume, grid_mask: np.ndarr
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, pil_kwargs={"compress_level": 1})  # fast zlib level
     plt.close(fig)
+
+
+def _heat_rgba(plane: np.ndarray) -> np.ndarray:
+    """RGBA (rows, cols, 4) of a uint8 heatmap plane: jet colours, transparent below 30 % of
+    the scale, alpha rising linearly to 0.75 at the maximum."""
+    from matplotlib import colormaps
+
+    v = np.asarray(plane, dtype=np.float32) / 255.0
+    rgba = colormaps["jet"](v)
+    rgba[..., 3] = np.clip((v - 0.3) / 0.7, 0.0, 1.0) * 0.75
+    return rgba
 
 
 def _centres(grid_mask: np.ndarray, grid_affine: np.ndarray, affine: np.ndarray

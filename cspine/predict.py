@@ -18,7 +18,18 @@ Outputs, written into a temporary sibling folder and moved into ``OUT`` only whe
   versions and the models used;
 * ``vertebrae_mask.nii.gz``: uint8 classes (0 background, 1..7 = C1..C7) on the input's own voxel
   grid with the input's affine, so it overlays the CT in ITK-SNAP / 3D Slicer;
-* ``overview.png``: see :mod:`cspine.overview`.
+* ``overview.png``: see :mod:`cspine.overview` (with ``--cam``: the stage-2 class-activation
+  map of each flagged vertebra drawn over it, :mod:`stage2_classify.cam`);
+* ``cam_heatmap.nii.gz`` (``--cam-nifti``): that map, uint8 0..255 = CAM 0..1, on the input's
+  grid and affine;
+* ``vertebrae_seg.dcm`` and ``report_sr.dcm`` (``--dicom``, a DICOM input only): the mask as a
+  DICOM SEG on the source slices and the eight probabilities as a DICOM SR
+  (:mod:`cspine.dicom_out`). A NIfTI input has no series to reference: a warning, and the other
+  outputs are written.
+
+The operating point ("flagged": p ≥ threshold) is ``--threshold``, else the
+``operating_point`` that ``WORK/metrics.json`` records, else :data:`DEFAULT_THRESHOLD` (0.5);
+``threshold_source`` in the JSON and the SR says which.
 
 The checkpoints come from a training folder or a bundle written by ``cspine export-bundle``
 (:mod:`cspine.models`).
@@ -31,6 +42,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +53,12 @@ from common.labels import OVERALL, VERTEBRAE
 from common.nifti_io import NIFTI_SUFFIXES
 from cspine.engine import StudyEngine, StudyResult
 # ModelSpec and the two readers are re-exported: `from cspine.predict import models_from_work`.
-from cspine.models import (ModelSpec, PredictError, models_from_bundle,  # noqa: F401
-                           models_from_work, one_line)
+from cspine.models import (DEFAULT_THRESHOLD, ModelSpec, PredictError,  # noqa: F401
+                           models_from_bundle, models_from_work, one_line)
 
-#: Default probability above which a vertebra is "flagged" in the overview.
-DEFAULT_THRESHOLD = 0.5
 OUTPUT_FILES = ("probabilities.json", "vertebrae_mask.nii.gz", "overview.png")
+#: Written only when asked (``--cam-nifti``, ``--dicom``).
+OPTIONAL_FILES = ("cam_heatmap.nii.gz", "vertebrae_seg.dcm", "report_sr.dcm")
 
 
 def load_input(path: str | os.PathLike, lenient: bool = False):
@@ -99,7 +111,8 @@ def load_input(path: str | os.PathLike, lenient: bool = False):
         raise PredictError(f"{one_line(str(err))}{extra}{hint}") from None
 
 
-def _versions() -> dict[str, str]:
+def package_versions() -> dict[str, str]:
+    """Installed versions of cspine and the packages its results depend on."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
@@ -111,64 +124,67 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def saliency_points(models, crops: dict[str, Any], vertebrae: list[str]
-                    ) -> dict[str, np.ndarray]:
-    """World point (RAS mm) of the axial crop slice where stage 2 looks most, per vertebra.
+def class_activation(engine: StudyEngine, result: StudyResult, volume, flagged: list[str],
+                     method: str | None) -> tuple[dict[str, Any] | None, dict[str, np.ndarray],
+                                                  np.ndarray | None, list[str]]:
+    """Stage-2 CAMs of the flagged vertebrae (:mod:`stage2_classify.cam`), on the CT grid.
 
-    Input-gradient saliency: the gradient of the summed fold-model logits with respect to the
-    crop's image channels, |·| summed over channels and the crop's X and Y; among the crop slices
-    that hold the vertebra (its stage-1 label), the one with the largest sum is the "slice of
-    highest suspicion". Returns the world position of that slice's
-    centre (crop axes run along the CT axes, so it maps to one CT slice).
+    Returns:
+        (the ``cam`` entry of ``probabilities.json`` or None when not asked, the axial point
+        (RAS mm) of highest suspicion per vertebra, the uint8 (X, Y, Z) heatmap on the volume's
+        grid (0..255 = CAM 0..1) or None, warnings).
     """
-    import torch
+    if method is None:
+        return None, {}, None, []
+    if not engine.differentiable:  # an exported (ONNX) bundle has no gradients
+        return ({"method": method, "error": "no gradients"}, {}, None,
+                [f"{volume.study_uid}: --cam needs the torch checkpoints (an ONNX bundle has no "
+                 f"gradients); the overview shows centre slices and no map"])
+    from stage2_classify import cam as cams_mod
 
-    if not vertebrae:
-        return {}
-    pre = models[0].preprocess
-    n_image = pre.num_image_channels
-    names = [v for v in vertebrae if crops.get(v) is not None]
-    if not names:
-        return {}
-    # one batched forward/backward per fold model: in eval mode the samples do not interact
-    x = torch.stack([pre(crops[v][0], crops[v][1], v) for v in names]).requires_grad_(True)
-    index = torch.tensor([VERTEBRAE.index(v) for v in names])
-    with torch.enable_grad():
-        for m in models:
-            m(x, index).sum().backward()
-    per_slice = x.grad[:, :n_image].abs().sum(dim=(1, 2, 3)).numpy()  # (vertebrae, crop Z)
-    out = {}
-    for v, row in zip(names, per_slice):
-        image, mask, affine = crops[v]
-        inside = (np.asarray(mask) == VERTEBRAE.index(v) + 1).any(axis=(0, 1))
-        row = np.where(inside, row, -np.inf) if inside.any() else row  # slices of this vertebra
-        centre = np.array([(image.shape[0] - 1) / 2, (image.shape[1] - 1) / 2,
-                           int(np.argmax(row)), 1.0])
-        out[v] = (np.asarray(affine) @ centre)[:3]
-    return out
+    cams = cams_mod.crop_cams(engine.stage2, result.crops, flagged, method)
+    heat = cams_mod.cams_on_grid(cams, result.crops, volume.affine, volume.shape) \
+        if cams else None
+    doc = {"method": method, "layer": cams_mod.target_layer(engine.stage2[0]) if cams else None,
+           "vertebrae": list(cams),
+           # all-zero maps: no positive evidence reached the layer (GradCAM's ReLU), nothing drawn
+           "empty": [v for v, m in cams.items() if not m.any()],
+           "scale": "0..255 = CAM 0..1 (fold mean, / its maximum)"}
+    return doc, cams_mod.peak_slice_points(cams, result.crops), heat, []
 
 
 def predict_study(study: str | os.PathLike, out_dir: str | os.PathLike, engine: StudyEngine,
                   threshold: float = DEFAULT_THRESHOLD, lenient: bool = False,
-                  volume=None, saliency: bool = False) -> dict[str, Any]:
+                  volume=None, saliency: bool = False, cam: str | None = None,
+                  cam_nifti: bool = False, dicom: bool = False,
+                  threshold_source: str = "default", run_id: str | None = None
+                  ) -> dict[str, Any]:
     """Predict one study and write the outputs of the module docstring into ``out_dir``.
 
     Nothing is written under ``out_dir`` unless every output is complete: the files are made in
     a temporary sibling folder, which is renamed to ``out_dir`` (or whose files replace those
-    of an existing ``out_dir``).
+    of an existing ``out_dir``; optional outputs of an earlier run that this run does not
+    write are removed, so the folder never mixes two runs).
 
     Args:
         study: the DICOM folder or NIfTI file.
         out_dir: output folder.
         engine: the loaded test-time engine (:meth:`StudyEngine.from_spec`).
-        threshold: flag vertebrae with p ≥ threshold.
+        threshold: the operating point: flag vertebrae with p ≥ threshold.
         lenient: lenient DICOM loading.
         volume: the study already loaded by :func:`load_input` (else it is loaded here).
-        saliency: pick each flagged vertebra's axial slice by stage-2 input-gradient saliency
-            (:func:`saliency_points`; needs torch models) instead of its centre.
+        saliency: deprecated alias of ``cam="gradcam"``.
+        cam: ``gradcam`` / ``gradcam++``: class-activation maps of the flagged vertebrae drawn
+            on the overview, each flagged vertebra's axial panel at its slice of highest CAM
+            (needs torch models); None: no map, centre slices.
+        cam_nifti: also write ``cam_heatmap.nii.gz`` (needs ``cam``).
+        dicom: also write ``vertebrae_seg.dcm`` and ``report_sr.dcm`` (a DICOM input only;
+            otherwise a warning, and the other outputs are written).
+        threshold_source: where ``threshold`` came from (recorded in the JSON and the SR).
+        run_id: this run's id (default: a new UUID).
 
     Returns:
-        the ``probabilities.json`` document.
+        the ``probabilities.json`` document (``warnings``: one line per output not written).
 
     Raises:
         PredictError: unreadable input (one line naming the study, file and problem).
@@ -177,6 +193,8 @@ def predict_study(study: str | os.PathLike, out_dir: str | os.PathLike, engine: 
     from cspine.overview import render_overview
 
     t_start = time.perf_counter()
+    cam = cam or ("gradcam" if saliency else None)
+    run_id = run_id or uuid.uuid4().hex
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise PredictError(f"--out {out_dir} exists and is not a folder")
@@ -195,24 +213,23 @@ def predict_study(study: str | os.PathLike, out_dir: str | os.PathLike, engine: 
     # the prior of an implausible segmentation says nothing about this study: nothing is flagged
     flagged = [] if result.implausible else [v for v in VERTEBRAE if probs[v] >= threshold]
     t0 = time.perf_counter()
-    # an exported (ONNX) bundle has no gradients: centre slices
-    points = saliency_points(engine.stage2, result.crops, flagged) \
-        if saliency and engine.differentiable else {}
-    result.timing_s["saliency"] = time.perf_counter() - t0
+    cam_doc, points, heat, warnings = class_activation(engine, result, volume, flagged, cam)
+    result.timing_s["cam"] = time.perf_counter() - t0
     doc = {
-        **result.to_json(volume), "input": str(Path(study).resolve()),
-        "threshold": threshold, "flagged": flagged,
+        **result.to_json(volume), "input": str(Path(study).resolve()), "run_id": run_id,
+        "threshold": threshold, "threshold_source": threshold_source, "flagged": flagged,
         "mask": {"file": "vertebrae_mask.nii.gz", "shape": list(original_shape),
                  "values": {str(i + 1): v for i, v in enumerate(VERTEBRAE)},
                  "mapped_by": method},
         "overview": {"file": "overview.png",
                      "axial_slice": ("per flagged vertebra: the crop slice with the largest "
-                                     "stage-2 input-gradient saliency (the vertebra centre "
-                                     "when it has no crop)") if points else
-                                    "per flagged vertebra: its centre slice (--saliency: the "
-                                    "slice of largest stage-2 input-gradient saliency)",
+                                     "stage-2 class activation (the vertebra centre when it has "
+                                     "no crop)") if points else
+                                    "per flagged vertebra: its centre slice (--cam: the slice "
+                                    "of largest stage-2 class activation)",
                      "axial_points_mm": {v: [round(float(c), 2) for c in p]
                                          for v, p in points.items()}},
+        "cam": cam_doc,
         "input_qc": {k: volume.qc.get(k) for k in ("status", "reasons", "repairs", "warnings",
                                                    "shape", "spacing") if k in volume.qc},
         "models": engine.spec.to_json() if engine.spec is not None else None,
@@ -220,20 +237,44 @@ def predict_study(study: str | os.PathLike, out_dir: str | os.PathLike, engine: 
         "timing_s": {"load_models": round(engine.load_seconds, 3),
                      "load_input": round(t_load, 3),
                      **{k: round(v, 3) for k, v in result.timing_s.items()}},
-        "versions": _versions(),
+        "versions": package_versions(),
+        "warnings": warnings,
     }
+    written = list(OUTPUT_FILES)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         save_nifti(tmp / "vertebrae_mask.nii.gz", mask.astype(np.uint8), original_affine)
+        if cam_nifti and heat is not None:
+            on_input, _ = geometry.labels_to_grid(heat, volume.affine, original_affine,
+                                                  original_shape)  # exact permutation
+            save_nifti(tmp / "cam_heatmap.nii.gz", on_input, original_affine)
+            cam_doc["nifti"] = "cam_heatmap.nii.gz"
+            written.append("cam_heatmap.nii.gz")
+        elif cam_nifti:
+            warnings.append(f"{volume.study_uid}: --cam-nifti: no map (no flagged vertebra "
+                            f"with a crop, or no --cam); cam_heatmap.nii.gz not written")
         t0 = time.perf_counter()
         render_overview(tmp / "overview.png", volume, result.grid_labels, result.grid_affine,
                         probs, threshold, title=volume.study_uid, axial_points=points,
-                        warning=implausible_warning(result.anatomy))
+                        warning=implausible_warning(result.anatomy),
+                        heatmap=heat, heatmap_label=f"{cam} (stage 2)" if cam else "")
         doc["timing_s"]["overview"] = round(time.perf_counter() - t0, 3)
+        if dicom:
+            t0 = time.perf_counter()
+            from cspine.dicom_out import write_study_dicom
+
+            doc["dicom"] = write_study_dicom(
+                tmp, volume, mask, original_affine, doc["probabilities"], doc["flagged"],
+                threshold, threshold_source,
+                {**(doc["models"] or {}), "probabilities_source": sr_source(result)},
+                doc["versions"], run_id, warnings)
+            written += [f for f in ("vertebrae_seg.dcm", "report_sr.dcm") if (tmp / f).exists()]
+            doc["timing_s"]["dicom"] = round(time.perf_counter() - t0, 3)
         doc["timing_s"]["total"] = round(time.perf_counter() - t_start, 3)
+        doc["outputs"] = written
         (tmp / "probabilities.json").write_text(json.dumps(doc, indent=2) + "\n")
-        _publish(tmp, out_dir)
+        _publish(tmp, out_dir, written)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -256,16 +297,28 @@ def _input_geometry(volume) -> tuple[np.ndarray, tuple[int, ...]]:
     return volume.affine, volume.shape
 
 
-def _publish(tmp: Path, out_dir: Path) -> None:
-    """Move the finished outputs into ``out_dir`` (rename the folder, or replace file by file)."""
-    for name in OUTPUT_FILES:
+def _publish(tmp: Path, out_dir: Path, written: list[str]) -> None:
+    """Move the finished outputs into ``out_dir`` (rename the folder, or replace file by file;
+    optional outputs of an earlier run that this run did not write are removed)."""
+    for name in written:
         os.chmod(tmp / name, 0o644)
     if not out_dir.exists():
         os.chmod(tmp, 0o755)
         os.rename(tmp, out_dir)
         return
-    for name in OUTPUT_FILES:
+    for name in written:
         os.replace(tmp / name, out_dir / name)
+    for name in OPTIONAL_FILES:
+        if name not in written and (out_dir / name).exists():
+            (out_dir / name).unlink()
+
+
+def sr_source(result: StudyResult) -> str:
+    """Where the reported probabilities come from, for the SR: ``model``, or the prior with
+    the anatomy check's first reasons."""
+    if not result.implausible:
+        return result.probabilities_source or "model"
+    return f"prior ({implausible_warning(result.anatomy, most=2).split(' - ')[0]})"
 
 
 def implausible_warning(anatomy: dict[str, Any] | None, most: int = 3) -> str:
@@ -290,10 +343,11 @@ def format_result(doc: dict[str, Any], out_dir: str | os.PathLike) -> str:
                  f"(p >= {doc['threshold']}): {', '.join(doc['flagged']) or 'none'}")
     t = doc["timing_s"]
     lines.append(f"time: {t['total']:.1f} s for the study (load {t['load_input']:.1f}, stage 1 "
-                 f"{t['stage1']:.1f}, crops {t['crops']:.1f}, stage 2 {t['stage2']:.1f}, saliency "
-                 f"{t['saliency']:.1f}, overview {t['overview']:.1f}) + {t['load_models']:.1f} s "
+                 f"{t['stage1']:.1f}, crops {t['crops']:.1f}, stage 2 {t['stage2']:.1f}, cam "
+                 f"{t['cam']:.1f}, dicom {t.get('dicom', 0.0):.1f}, overview {t['overview']:.1f}) + {t['load_models']:.1f} s "
                  f"loading models on "
                  f"{doc['device']}")
-    lines.append(f"wrote {Path(out_dir) / 'probabilities.json'}, vertebrae_mask.nii.gz, "
-                 f"overview.png")
+    lines.append(f"wrote {Path(out_dir) / 'probabilities.json'}, "
+                 + ", ".join(f for f in doc.get("outputs", OUTPUT_FILES)
+                             if f != "probabilities.json"))
     return "\n".join(lines)

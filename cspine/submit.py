@@ -11,7 +11,8 @@ Outputs:
 * ``$WORK/predict/<UID>/``: ``probabilities.json`` (the eight probabilities, vertebrae found,
   boxes, crop status, timings, the models' key), ``vertebrae_mask.nii.gz`` (uint8 C1–C7 on the
   study's own DICOM grid and affine) and ``crops/<C#>.npz`` (the stage-2 inputs); a study whose
-  ``probabilities.json`` has the current models' key is not run again;
+  ``probabilities.json`` has the current models' key is not run again; with ``--dicom`` also
+  ``vertebrae_seg.dcm`` and ``report_sr.dcm`` (:mod:`cspine.dicom_out`);
 * ``$WORK/submission.csv``: exactly the rows ``test.csv`` (else ``sample_submission.csv``) lists,
   in its order, whatever subset of the eight types it asks for; a study that could not be run
   (no images, unreadable series) or whose segmentation fails the anatomy check
@@ -28,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -105,13 +107,18 @@ def submit(work: str | os.PathLike, data_root: str | os.PathLike, rule: str | No
            clip: tuple[float, float] | None = None, out: str | os.PathLike | None = None,
            jobs: int = 2, shard: tuple[int, int] | None = None, device: str = "cpu",
            tta_flip: bool | None = None, progress: bool = True, if_worse: str = "refuse",
-           anatomy_limits=None):
+           anatomy_limits=None, dicom: bool = False):
     """Run the engine over the test studies and write the submission (module docstring).
 
     ``if_worse``: what to do when the rule does not beat the constant prior out of fold —
     ``refuse`` (raise, nothing written), ``go-on`` (submit the model anyway, with a warning) or
     ``prior`` (submit the models' prior for every study, no study is run).
     ``anatomy_limits``: :class:`stage1_segment.anatomy.AnatomyLimits` (None: the defaults).
+
+    ``dicom``: also write each study's ``vertebrae_seg.dcm`` and ``report_sr.dcm``
+    (:func:`cspine.dicom_out.write_study_dicom`; flagged at the operating point of
+    :func:`cspine.models.operating_point`); a study whose DICOM outputs cannot be made keeps
+    its other outputs, with the reason in its QC row's ``warnings``.
 
     Returns:
         the submission frame (``row_id, fractured``), or None for a shard.
@@ -121,8 +128,11 @@ def submit(work: str | os.PathLike, data_root: str | os.PathLike, rule: str | No
     from common import geometry
     from common.atomic import save_npz, write_csv, write_json
     from common.nifti_io import save_nifti
+    from cspine.dicom_out import write_study_dicom
+    from cspine.predict import sr_source
     from cspine.engine import StudyEngine
-    from cspine.models import models_from_work
+    from cspine.models import models_from_work, operating_point
+    from cspine.predict import package_versions
 
     work, data_root = Path(work), Path(data_root)
     out = Path(out) if out else work / "submission.csv"
@@ -143,6 +153,8 @@ def submit(work: str | os.PathLike, data_root: str | os.PathLike, rule: str | No
     mine = select_shard(tasks, shard)
     predict_dir = work / "predict"
     probs: dict[str, dict[str, float]] = {}
+    threshold, threshold_source = operating_point(work)
+    versions, run_id = package_versions(), uuid.uuid4().hex
 
     def current(task: StudyTask) -> dict[str, Any] | None:
         path = predict_dir / task.uid / "probabilities.json"
@@ -150,6 +162,8 @@ def submit(work: str | os.PathLike, data_root: str | os.PathLike, rule: str | No
             return None
         doc = json.loads(path.read_text())
         if doc.get("models_key") != key or doc.get("probabilities") is None:
+            return None
+        if dicom and "dicom" not in doc:  # asked for now, not made then
             return None
         probs[task.uid] = doc["probabilities"]
         return doc["qc"]
@@ -174,6 +188,21 @@ def submit(work: str | os.PathLike, data_root: str | os.PathLike, rule: str | No
         doc = {**result.to_json(volume), "models_key": key, "qc": qc,
                "input_qc": {k: volume.qc.get(k) for k in ("status", "reasons", "repairs",
                                                           "warnings") if k in volume.qc}}
+        for name in ("vertebrae_seg.dcm", "report_sr.dcm"):
+            (folder / name).unlink(missing_ok=True)  # from an earlier run
+        if dicom:
+            flagged = [] if result.implausible else \
+                [v for v in VERTEBRAE if doc["probabilities"][v] >= threshold]
+            warnings: list[str] = []
+            doc.update(run_id=run_id, threshold=threshold, threshold_source=threshold_source,
+                       flagged=flagged)
+            doc["dicom"] = write_study_dicom(folder, volume, mask, volume.affine,
+                                             doc["probabilities"], flagged, threshold,
+                                             threshold_source,
+                                             {**spec.to_json(),
+                                              "probabilities_source": sr_source(result)},
+                                             versions, run_id, warnings)
+            qc["warnings"] = " | ".join(warnings)
         write_json(folder / "probabilities.json", doc)  # last: its presence means complete
         probs[task.uid] = doc["probabilities"]
         return qc

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
@@ -348,3 +349,39 @@ def test_submit_refuses_a_model_worse_than_the_prior(trained_work, tiny_data, tm
     assert qc["status"].str.startswith("prior").all() and not (work / "predict").exists()
     types = sub["row_id"].str.split("_", n=1).str[1]
     assert sub.groupby(types)["fractured"].nunique().eq(1).all()  # one prior value per type
+
+
+def test_submit_dicom_writes_seg_and_sr_per_study(trained_work, tiny_data, tmp_path):
+    """``cspine submit --dicom``: each run study gets a SEG on its source slices (Dice 1.0
+    against its mask) and an SR with its probabilities; studies finished by a run without
+    --dicom are run again when --dicom asks for outputs they lack."""
+    from cspine import dicom_out
+    from cspine.cli import main
+    from cspine.predict import load_input
+    from seg_check import dice_per_vertebra, seg_back_on_grid
+
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in ("stage1", "stage2", "metrics.json"):
+        os.symlink(trained_work / name, work / name)
+    assert main(["submit", str(tiny_data), "--work", str(work), "--jobs", "1", *GO_ON]) == 0
+    folders = sorted(p for p in (work / "predict").iterdir() if p.is_dir())
+    assert folders and not list((work / "predict").glob("*/*.dcm"))
+    assert main(["submit", str(tiny_data), "--work", str(work), "--jobs", "1", "--dicom",
+                 *GO_ON]) == 0
+    qc = pd.read_csv(work / "stage2" / "submit_qc.csv")
+    assert "done" not in set(qc["volume"])  # studies without the DICOM outputs ran again
+    folder = folders[0]
+    doc = json.loads((folder / "probabilities.json").read_text())
+    points = json.loads((trained_work / "metrics.json").read_text())["operating_points"]
+    assert doc["threshold"] == points["vertebrae"]["sens90"]["threshold"]  # make evaluate's
+    assert doc["threshold_source"].startswith("metrics.json operating_points.vertebrae.sens90")
+    assert doc["dicom"]["seg"]["frames"] > 0
+    img = nib.load(folder / "vertebrae_mask.nii.gz")
+    mask = np.asarray(img.dataobj)
+    headers = dicom_out.read_source_headers(load_input(tiny_data / "test_images" / folder.name))
+    back = seg_back_on_grid(folder / "vertebrae_seg.dcm", headers, mask.shape, img.affine)
+    assert all(d == 1.0 for d in dice_per_vertebra(back, mask).values())
+    sr = dicom_out.read_sr_probabilities(folder / "report_sr.dcm")
+    assert sr["probabilities"] == pytest.approx(doc["probabilities"])
+    assert sr["flagged"] == doc["flagged"]

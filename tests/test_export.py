@@ -68,6 +68,15 @@ def test_onnx_bundle_gives_the_checkpoints_probabilities(trained_work, tiny_data
             assert abs(pa["probabilities"][t] - pb["probabilities"][t]) < 1e-4, (study.name, t)
         assert pa["boxes"] == pb["boxes"]
         assert (b / "overview.png").stat().st_size > 1000
+    # an ONNX bundle has no gradients: --cam gives one warning and centre slices; --dicom works
+    c = tmp_path / "onnx_cam"
+    assert main(["predict", str(study), "--out", str(c), "--bundle", str(bundle), "--cam",
+                 "--dicom", "--threshold", "0.0"]) == 0
+    pc = json.loads((c / "probabilities.json").read_text())
+    assert pc["cam"] == {"method": "gradcam", "error": "no gradients"}
+    assert len(pc["warnings"]) == 1 and "no gradients" in pc["warnings"][0]
+    assert pc["overview"]["axial_points_mm"] == {}
+    assert (c / "vertebrae_seg.dcm").is_file() and (c / "report_sr.dcm").is_file()
 
 
 def test_resampling_on_the_device_path_gives_the_same_results(trained_work, tiny_data):

@@ -200,3 +200,75 @@ def test_a_copied_work_uses_its_own_checkpoints(trained_work, tmp_path):
     doc["checkpoint"] = str((trained_work / "stage2" / "fold0" / doc["checkpoint"]).resolve())
     run.write_text(json.dumps(doc))
     assert Path(models_from_work(copy).stage2[0]).resolve().is_relative_to(copy.resolve())
+
+
+def test_predict_dicom_and_cam_outputs(trained_work, tiny_data, tmp_path, capsys):
+    """--dicom --cam --cam-nifti on a synthetic study: the SEG lands on the source slices (Dice
+    1.0 against the NIfTI mask per vertebra), the SR holds the JSON's eight values, the CAM
+    heatmap is in the CT geometry and nonzero only inside the flagged vertebrae's crops; a
+    rerun without the options removes the optional files."""
+    from common.dicom_io import load_series
+    from cspine import dicom_out
+    from seg_check import dice_per_vertebra, seg_back_on_grid
+
+    study = sorted((tiny_data / "test_images").iterdir())[1]
+    out = tmp_path / "pred"
+    assert cspine_main(["predict", str(study), "--out", str(out), "--work", str(trained_work),
+                        "--threshold", "0.0", "--threads", "1", "--dicom", "--cam",
+                        "--cam-nifti", *ANATOMY_OFF]) == 0
+    assert "warning" not in capsys.readouterr().err
+    doc = json.loads((out / "probabilities.json").read_text())
+    assert sorted(p.name for p in out.iterdir()) == sorted(doc["outputs"]) == sorted(
+        ["probabilities.json", "vertebrae_mask.nii.gz", "overview.png", "cam_heatmap.nii.gz",
+         "vertebrae_seg.dcm", "report_sr.dcm"])
+    volume = load_series(study)
+    img = nib.load(out / "vertebrae_mask.nii.gz")
+    mask = np.asarray(img.dataobj)
+    headers = dicom_out.read_source_headers(volume)
+    back = seg_back_on_grid(out / "vertebrae_seg.dcm", headers, mask.shape, img.affine)
+    dice = dice_per_vertebra(back, mask)
+    in_mask = {f"C{i}" for i in np.unique(mask) if 1 <= i <= 7}
+    assert len(in_mask) >= 3 and set(dice) == in_mask and all(d == 1.0 for d in dice.values())
+    sr = dicom_out.read_sr_probabilities(out / "report_sr.dcm")
+    assert sr["probabilities"] == pytest.approx(doc["probabilities"])
+    assert sr["flagged"] == doc["flagged"] and sr["study_uid"] == study.name
+    assert f"run_id={doc['run_id']}" in sr["parameters"]
+    assert "threshold_source=--threshold" in sr["parameters"]
+    heat_img = nib.load(out / "cam_heatmap.nii.gz")
+    heat = np.asarray(heat_img.dataobj)
+    assert heat.shape == volume.shape and np.allclose(heat_img.affine, volume.affine, atol=1e-4)
+    # 0..255 = CAM 0..1 per crop; on the CT grid the peak can fall between voxels (< 255)
+    assert heat.dtype == np.uint8
+    assert doc["cam"]["vertebrae"] == [v for v in doc["flagged"] if v in doc["vertebrae_found"]]
+    assert doc["cam"]["layer"] == "net.features.19"  # SmallCNN3d of configs/stage2/cpu.yaml
+    # the few-step models may find no positive evidence (an all-zero GradCAM): then the map is
+    # empty; where it is not, it lies inside the flagged vertebrae's crops
+    assert (heat.max() == 0) == (doc["cam"]["empty"] == doc["cam"]["vertebrae"])
+    from common import geometry
+
+    world = geometry.voxel_to_world(volume.affine, np.argwhere(heat > 0))
+    near = np.zeros(len(world), bool)
+    for v in set(doc["cam"]["vertebrae"]) - set(doc["cam"]["empty"]):
+        lo, hi = (np.asarray(doc["boxes"][v][k]) for k in ("mm_lo", "mm_hi"))
+        near |= np.all((world >= lo - 15) & (world <= hi + 15), axis=1)
+    assert near.all()
+    # a rerun without the options leaves exactly the three default outputs
+    assert cspine_main(["predict", str(study), "--out", str(out), "--work",
+                        str(trained_work)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["probabilities.json", "vertebrae_mask.nii.gz", "overview.png"])
+
+
+def test_predict_dicom_of_a_nifti_ct_warns_and_writes_the_rest(trained_work, realdata,
+                                                              tmp_path, capsys):
+    path = realdata / "totalsegmentator" / "example_ct_sm.nii.gz"
+    out = tmp_path / "nii"
+    assert cspine_main(["predict", str(path), "--out", str(out), "--work", str(trained_work),
+                        "--dicom"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    warnings = [line for line in err if line.startswith("cspine predict: warning:")]
+    assert len(warnings) == 1 and "example_ct_sm: no source DICOM" in warnings[0]
+    assert "Traceback" not in "\n".join(err)
+    img = nib.load(path)
+    doc = _check_outputs(out, img.affine, img.shape)
+    assert "no source DICOM" in doc["dicom"]["error"]

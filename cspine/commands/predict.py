@@ -21,8 +21,11 @@ DESCRIPTION = (
     "`cspine export-bundle`) or explicit --stage1-ckpt/--stage2-ckpt. Outputs appear only when "
     "complete. A segmentation that fails the anatomy check (C1-C7 in order down one column, adult "
     "sizes, on bone) is reported as implausible_segmentation with its reasons, and the "
-    "probabilities are the models' prior, not their output. Exit status 2 on bad input "
-    "(one-line error), 0 on success.")
+    "probabilities are the models' prior, not their output. --cam draws the stage-2 "
+    "class-activation map of each flagged vertebra on the overview (--cam-nifti also writes it "
+    "as a NIfTI); --dicom also writes a DICOM SEG of the mask and a DICOM SR of the "
+    "probabilities (a DICOM input only: for a NIfTI input a warning, the other outputs are "
+    "written). Exit status 2 on bad input (one-line error), 0 on success.")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,16 +47,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rule", default=None, choices=RULES,
                         help="patient_overall rule (default: the one make evaluate recorded in "
                              "WORK/metrics.json, or the bundle's)")
-    parser.add_argument("--threshold", type=float, default=0.5,
-                        help="flag vertebrae with probability >= this in the overview")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="operating point: flag vertebrae with probability >= this (default: "
+                             "the operating_point in WORK/metrics.json, else 0.5)")
     parser.add_argument("--lenient", action="store_true",
                         help="repair what is well defined in the DICOM series (gaps, tilt, "
                              "duplicates) instead of refusing it")
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    parser.add_argument("--cam", nargs="?", const="gradcam", default=None,
+                        choices=("gradcam", "gradcam++"),
+                        help="draw the stage-2 class-activation map (GradCAM, or gradcam++) of "
+                             "each flagged vertebra on the overview, with its axial slice of "
+                             "highest activation (a forward and backward pass per fold model and "
+                             "flagged vertebra)")
+    parser.add_argument("--cam-nifti", action="store_true",
+                        help="also write the --cam map (implies --cam) as "
+                             "OUT/cam_heatmap.nii.gz (uint8 0-255) in the input's geometry")
     parser.add_argument("--saliency", action="store_true",
-                        help="show each flagged vertebra's axial slice of largest stage-2 "
-                             "input-gradient saliency (a backward pass per fold model: seconds on "
-                             "a CPU for DenseNet121) instead of its centre slice")
+                        help="deprecated: the same as --cam")
+    parser.add_argument("--dicom", action="store_true",
+                        help="also write OUT/vertebrae_seg.dcm (DICOM SEG, one segment per "
+                             "vertebra, on the source slices) and OUT/report_sr.dcm (DICOM SR "
+                             "with the eight probabilities); needs a DICOM study folder")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice)")
     from stage1_segment.anatomy import add_limits_argument
@@ -83,6 +98,17 @@ def _spec(args: argparse.Namespace):
 
             raise PredictError(f"checkpoint {path} not found")
     return spec
+
+
+def _threshold(args: argparse.Namespace) -> tuple[float, str]:
+    """The operating point and its source (``--threshold``, ``metrics.json`` or ``default``)."""
+    from cspine.models import DEFAULT_THRESHOLD, operating_point
+
+    if args.threshold is not None:
+        return float(args.threshold), "--threshold"
+    if args.bundle is not None:
+        return DEFAULT_THRESHOLD, "default"
+    return operating_point(args.work or Path("work/demo"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -117,11 +143,17 @@ def run(args: argparse.Namespace) -> int:
         loader.join()
         if "error" in loaded:
             raise loaded["error"]
-        doc = predict_study(args.study, args.out, loaded["engine"], threshold=args.threshold,
-                            lenient=args.lenient, volume=volume, saliency=args.saliency)
+        threshold, source = _threshold(args)
+        cam = args.cam or ("gradcam" if args.saliency or args.cam_nifti else None)
+        doc = predict_study(args.study, args.out, loaded["engine"], threshold=threshold,
+                            lenient=args.lenient, volume=volume, cam=cam,
+                            cam_nifti=args.cam_nifti, dicom=args.dicom,
+                            threshold_source=source)
     except PredictError as err:
         print(f"cspine predict: error: {err}", file=sys.stderr)
         return 2
+    for line in doc.get("warnings", []):
+        print(f"cspine predict: warning: {line}", file=sys.stderr)
     print(format_result(doc, args.out))
     print(f"cspine predict: done in {time.perf_counter() - t0:.1f} s (including start-up)")
     return 0

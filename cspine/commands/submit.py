@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="when the rule's out-of-fold loss (metrics.json) does not beat the "
                              "constant prior: refuse (default), go-on (submit the model anyway) "
                              "or prior (submit the prior)")
+    parser.add_argument("--dicom", action="store_true",
+                        help="also write WORK/predict/<UID>/vertebrae_seg.dcm (DICOM SEG) and "
+                             "report_sr.dcm (DICOM SR with the eight probabilities)")
     parser.add_argument("--tta-flip", choices=("config", "on", "off"), default="config",
                         help="stage-2 left-right flip TTA (default: as each model was trained)")
     from stage1_segment.anatomy import add_limits_argument
@@ -54,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         submit(args.work, args.data, rule=args.rule, clip=tuple(args.clip) if args.clip else None,
                out=args.out, jobs=args.jobs, shard=parse_shard(args.shard), device=args.device,
-               tta_flip=tta, if_worse=args.if_worse_than_prior,
+               tta_flip=tta, if_worse=args.if_worse_than_prior, dicom=args.dicom,
                anatomy_limits=limits_from_args(args))
     except (PredictError, ValueError, OSError) as err:
         print(f"cspine submit: error: {err}", file=sys.stderr)
