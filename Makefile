@@ -26,8 +26,11 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed  ## create .venv: torch ($(TORCH)) first, then cspine with dev extras
 
-test: install browser  ## run the test suite (slow tests included; skip them with PYTEST_ARGS='-m "not slow"'); the page tests open the HTML pages in headless Chromium
+test: install browser dicom-validator  ## run the test suite (slow tests included; skip them with PYTEST_ARGS='-m "not slow"'); the page tests open the HTML pages in headless Chromium
 	WANDB_MODE=disabled $(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: install  ## ruff (pyflakes, pycodestyle, bugbear, import order; settings in pyproject.toml) over the whole repository; CI runs it before the tests
+	$(VENV)/bin/ruff check .
 
 .PHONY: browser
 browser:  ## headless Chromium for the page tests: Debian's chromium package, installed with apt-get when missing (as root), else a message saying how
@@ -38,6 +41,17 @@ browser:  ## headless Chromium for the page tests: Debian's chromium package, in
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null || exit 1; \
 	else \
 	  echo "make browser: the page tests need Chromium: install the 'chromium' package (apt-get install chromium, as root), set CHROMIUM=/path/to/chrome, or skip them on purpose with CSPINE_NO_BROWSER=1" >&2; exit 1; \
+	fi
+
+.PHONY: dicom-validator
+dicom-validator:  ## dciodvfy (Debian's dicom3tools) for the DICOM SEG/SR validation test: installed with apt-get when missing (as root); elsewhere that test skips with its reason
+	@if command -v dciodvfy >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "make dicom-validator: installing Debian's dicom3tools (dciodvfy) for the SEG/SR test"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dicom3tools >/dev/null; } || \
+	    echo "make dicom-validator: dicom3tools could not be installed; the SEG/SR validation test will skip" >&2; \
+	else \
+	  echo "make dicom-validator: no dciodvfy (apt-get install dicom3tools); the SEG/SR validation test will skip" >&2; \
 	fi
 
 synth: install  ## write the synthetic dataset: PRESET=tiny|demo|full -> DATA (resumes; refuses a DATA written with other options)

@@ -20,7 +20,6 @@ import yaml
 
 from stage2_classify.inference import instantiate_net
 
-
 #: Device of the run: "cuda" (the purpose of this script) or "cpu" (``--device cpu``: a dry run
 #: that checks the code paths on a machine without a GPU; its timings mean nothing).
 DEV = "cuda"

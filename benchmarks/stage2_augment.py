@@ -3,8 +3,9 @@
 Baseline: the per-crop MONAI dictionary pipeline stage 2 used before (``RandAffined`` on image,
 maps and mask, ``RandFlipd``, intensity scale/shift, Gaussian noise), applied crop by crop as a
 DataLoader worker would. Candidate: ``stage2_classify.augment.BatchAugment`` on the collated
-batch (one ``affine_grid``, trilinear ``grid_sample`` for image + maps, nearest for masks). Same parameters, random data of the demo crop shape
-(1 window + 2 maps + 2 masks), CPU; prints a Markdown table with the ratio.
+batch (one ``affine_grid``, trilinear ``grid_sample`` for image + maps, nearest for masks). Same
+parameters, random data of the demo crop shape (1 window + 2 maps + 2 masks), CPU; prints a
+Markdown table with the ratio.
 
     python benchmarks/stage2_augment.py --threads 1 --batch 16 --shape 48 48 20
 """
@@ -22,8 +23,14 @@ import torch
 def monai_per_crop(prob: float) -> Callable[[dict], dict]:
     """The per-crop MONAI pipeline (the baseline)."""
     from monai.data import set_track_meta
-    from monai.transforms import (Compose, RandAffined, RandFlipd, RandGaussianNoised,
-                                  RandScaleIntensityd, RandShiftIntensityd)
+    from monai.transforms import (
+        Compose,
+        RandAffined,
+        RandFlipd,
+        RandGaussianNoised,
+        RandScaleIntensityd,
+        RandShiftIntensityd,
+    )
 
     set_track_meta(False)
     rad = float(np.deg2rad(10.0))

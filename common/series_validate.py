@@ -221,7 +221,8 @@ class _Validator:
             what = (f"{len(part)} of {len(slices)} files have RescaleSlope or RescaleIntercept "
                     f"without the other (e.g. {part[0].name})")
             if not self.lenient or len(values) != 1:
-                hint = "" if self.lenient else "; --lenient takes it from the other files when "                                                "they all agree"
+                hint = "" if self.lenient else ("; --lenient takes it from the other files "
+                                                "when they all agree")
                 raise self.fail("incomplete_rescale", what + hint, part[0].name)
             slope, intercept = values.pop()
             part_ids = {id(h) for h in part}

@@ -19,7 +19,6 @@ from pathlib import Path
 
 from cspine.models import ModelSpec, models_from_work
 
-
 FORMATS = ("ckpt", "onnx")
 
 

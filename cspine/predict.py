@@ -52,9 +52,16 @@ from common import geometry
 from common.labels import OVERALL, VERTEBRAE
 from common.nifti_io import NIFTI_SUFFIXES
 from cspine.engine import StudyEngine, StudyResult
+
 # ModelSpec and the two readers are re-exported: `from cspine.predict import models_from_work`.
-from cspine.models import (DEFAULT_THRESHOLD, ModelSpec, PredictError,  # noqa: F401
-                           models_from_bundle, models_from_work, one_line)
+from cspine.models import (  # noqa: F401
+    DEFAULT_THRESHOLD,
+    ModelSpec,
+    PredictError,
+    models_from_bundle,
+    models_from_work,
+    one_line,
+)
 
 OUTPUT_FILES = ("probabilities.json", "vertebrae_mask.nii.gz", "overview.png")
 #: Written only when asked (``--cam-nifti``, ``--dicom``).
@@ -344,7 +351,8 @@ def format_result(doc: dict[str, Any], out_dir: str | os.PathLike) -> str:
     t = doc["timing_s"]
     lines.append(f"time: {t['total']:.1f} s for the study (load {t['load_input']:.1f}, stage 1 "
                  f"{t['stage1']:.1f}, crops {t['crops']:.1f}, stage 2 {t['stage2']:.1f}, cam "
-                 f"{t['cam']:.1f}, dicom {t.get('dicom', 0.0):.1f}, overview {t['overview']:.1f}) + {t['load_models']:.1f} s "
+                 f"{t['cam']:.1f}, dicom {t.get('dicom', 0.0):.1f}, overview "
+                 f"{t['overview']:.1f}) + {t['load_models']:.1f} s "
                  f"loading models on "
                  f"{doc['device']}")
     lines.append(f"wrote {Path(out_dir) / 'probabilities.json'}, "

@@ -86,10 +86,10 @@ def plain_run(engine, volume: Volume) -> dict[str, Any]:
     Returns:
         ``probabilities`` (TARGETS), ``crops`` {vertebra: crop or None}, ``timing_s``.
     """
+    import pandas as pd
+
     from stage1_segment.boxes import vertebra_boxes
     from stage2_classify.aggregate import aggregate, crops_to_study
-
-    import pandas as pd
 
     timing = {}
     t0 = time.perf_counter()

@@ -9,8 +9,8 @@ the file and the make target that writes it):
    ``make crops``: ``WORK/stage1/crops/qc_crops.csv``), and example sagittal overlays
    (``WORK/stage1/masks`` over ``WORK/stage1/cache``);
 3. stage 2: the metric table against the constant-prevalence baseline, AUC per target, the
-   operating points, per-fold losses (``WORK/metrics.json``), ROC and calibration plots (``WORK/report/{roc,calibration}.png``,
-   ``make evaluate``);
+   operating points, per-fold losses (``WORK/metrics.json``), ROC and calibration plots
+   (``WORK/report/{roc,calibration}.png``, ``make evaluate``);
 4. QC: failed studies and the slowest studies of every step (``qc_prepare.csv``,
    ``qc_crops.csv``, the crop manifest, ``submit_qc.csv``).
 

@@ -35,8 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from cspine.batch import StudyTask, run_batch, select_shard
 from common.labels import TARGETS, VERTEBRAE
+from cspine.batch import StudyTask, run_batch, select_shard
 
 
 def test_tasks(data_root: Path) -> tuple[list[str], list[StudyTask]]:
@@ -129,10 +129,9 @@ def submit(work: str | os.PathLike, data_root: str | os.PathLike, rule: str | No
     from common.atomic import save_npz, write_csv, write_json
     from common.nifti_io import save_nifti
     from cspine.dicom_out import write_study_dicom
-    from cspine.predict import sr_source
     from cspine.engine import StudyEngine
     from cspine.models import models_from_work, operating_point
-    from cspine.predict import package_versions
+    from cspine.predict import package_versions, sr_source
 
     work, data_root = Path(work), Path(data_root)
     out = Path(out) if out else work / "submission.csv"

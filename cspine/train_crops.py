@@ -36,8 +36,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from cspine.batch import StudyTask, run_batch, select_shard
 from common.labels import VERTEBRAE
+from cspine.batch import StudyTask, run_batch, select_shard
 
 
 def train_tasks(data_root: Path, work_dir: Path, n_folds: int) -> list[StudyTask]:
@@ -122,11 +122,11 @@ def make_crops(data_root: str | os.PathLike, work_dir: str | os.PathLike, cfg,
     """
     import pandas as pd
 
+    from common import geometry
     from common.atomic import write_csv, write_json
     from common.manifest import COLUMNS
     from common.nifti_io import save_nifti
     from common.volume_cache import volume_cache_dir
-    from common import geometry
     from cspine.engine import StudyEngine
     from stage1_segment.inference import grid_settings, load_model
     from stage1_segment.runs import dice_per_vertebra, resolve_checkpoint, run_id

@@ -105,7 +105,6 @@ class Stage1CLI(LightningCLI):
                                    ckpt_path=ckpt.best_model_path or None, verbose=False)
         if trainer.is_global_zero:
             from common.atomic import write_json
-
             from common.paths import run_relative
 
             config = self.config[self.subcommand]

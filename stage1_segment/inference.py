@@ -1,7 +1,7 @@
 """Single-study inference: checkpoint → C1–C7 mask, on the model grid or the CT's own grid.
 
-Used by the test-time engine (:mod:`cspine.engine`) and ``cspine export-mask``. Everything the model needs (grid, HU window, thoracic mode, TTA) comes
-from the checkpoint's hyperparameters.
+Used by the test-time engine (:mod:`cspine.engine`) and ``cspine export-mask``. Everything the
+model needs (grid, HU window, thoracic mode, TTA) comes from the checkpoint's hyperparameters.
 """
 
 from __future__ import annotations

@@ -20,9 +20,18 @@ from dataclasses import dataclass
 from typing import Any, Hashable, Mapping, Sequence
 
 import numpy as np
-from monai.transforms import (Compose, EnsureTyped, MapTransform, RandAffined,
-                              RandCropByPosNegLabeld, RandFlipd, RandGaussianNoised,
-                              RandScaleIntensityd, RandShiftIntensityd, SpatialPadd)
+from monai.transforms import (
+    Compose,
+    EnsureTyped,
+    MapTransform,
+    RandAffined,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandGaussianNoised,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    SpatialPadd,
+)
 
 from common.geometry import AIR_HU, spacing_of
 from stage1_segment.prepare import load_cached

@@ -180,7 +180,9 @@ class CropDataModule(pl.LightningDataModule):
 
     def __init__(self, manifest: str, data_root: str, folds_csv: str, fold: int = 0,
                  n_folds: int = 5, batch_size: int = 16, num_workers: int = 0,
-                 windows: list[tuple[float, float]] = [BONE_WINDOW], all_mask: bool = False,
+                 # the default list is never mutated, and LightningCLI shows it as written
+                 windows: list[tuple[float, float]] = [BONE_WINDOW],  # noqa: B006
+                 all_mask: bool = False,
                  vertebra_channels: bool = False, masked_image: int | None = None,
                  lucency: list[float] | None = None, lucency_fill: bool = False,
                  gap: list[float] | None = None, augment: bool = True, aug_rotate_deg: float = 10.0,

@@ -28,8 +28,15 @@ from common.dataset import RSNADataset
 from common.folds import read_folds
 from common.labels import OVERALL, TARGETS, VERTEBRAE
 from common.metric import auc_per_target, baseline_prevalence, competition_loss, constant_prediction
-from stage2_classify.aggregate import (DEFAULT_CLIP, DEFAULT_RULE, RULES, Stacker, aggregate,
-                                       clip_probs, nested_stacker)
+from stage2_classify.aggregate import (
+    DEFAULT_CLIP,
+    DEFAULT_RULE,
+    RULES,
+    Stacker,
+    aggregate,
+    clip_probs,
+    nested_stacker,
+)
 from stage2_classify.oof import merge_oof
 
 UID = "StudyInstanceUID"

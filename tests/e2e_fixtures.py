@@ -2,9 +2,9 @@
 
 ``trained_run(tiny_data, tmp_path_factory)`` runs, in this process and through each step's own
 entry point: stage-1 fit (W&B offline) → ``cspine crops`` (the engine's stage-1 part over the
-train studies) → stage-2 fit of folds 0 (W&B offline) and 1 → evaluate. Every step takes a few training steps only; the models are not
-meant to be good. The run is made once per test session (cached here, so that several test
-modules can use it) and its folder is returned.
+train studies) → stage-2 fit of folds 0 (W&B offline) and 1 → evaluate. Every step takes a few
+training steps only; the models are not meant to be good. The run is made once per test session
+(cached here, so that several test modules can use it) and its folder is returned.
 """
 
 from __future__ import annotations

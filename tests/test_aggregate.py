@@ -8,8 +8,16 @@ import pytest
 
 from common.labels import OVERALL, TARGETS, VERTEBRAE
 from common.metric import competition_loss
-from stage2_classify.aggregate import (Stacker, aggregate, clip_probs, crops_to_study, max_rule,
-                                       nested_stacker, noisy_or, overall_sample_weight)
+from stage2_classify.aggregate import (
+    Stacker,
+    aggregate,
+    clip_probs,
+    crops_to_study,
+    max_rule,
+    nested_stacker,
+    noisy_or,
+    overall_sample_weight,
+)
 
 UID = "StudyInstanceUID"
 

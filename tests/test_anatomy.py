@@ -10,11 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from e2e_fixtures import trained_run
 
 from common.labels import TARGETS, VERTEBRAE
-from e2e_fixtures import trained_run
-from stage1_segment.anatomy import (STATUS_IMPLAUSIBLE, STATUS_OFF, STATUS_OK, AnatomyLimits,
-                                    check_anatomy)
+from stage1_segment.anatomy import STATUS_IMPLAUSIBLE, STATUS_OFF, STATUS_OK, AnatomyLimits, check_anatomy
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,8 +32,8 @@ def _spine(shape=(100, 100, 190)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return labels, hu, affine
 
 
-def _reasons(labels, hu, affine, limits=AnatomyLimits()) -> list[str]:
-    return check_anatomy(labels, affine, hu, affine, limits)["reasons"]
+def _reasons(labels, hu, affine, limits: AnatomyLimits | None = None) -> list[str]:
+    return check_anatomy(labels, affine, hu, affine, limits or AnatomyLimits())["reasons"]
 
 
 def test_a_plausible_spine_passes():

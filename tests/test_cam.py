@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from stage2_fixtures import make_crop
 
 from common import geometry
 from common.labels import VERTEBRAE
@@ -19,7 +20,6 @@ from stage2_classify import cam
 from stage2_classify.module import CropClassifier
 from stage2_classify.nets import SmallCNN3d
 from stage2_classify.transforms import Preprocess
-from stage2_fixtures import make_crop
 
 SHAPE = (16, 16, 12)
 
@@ -40,7 +40,7 @@ def crack_model() -> CropClassifier:
         pool.append((pre(image, mask, v), float(i % 2), VERTEBRAE.index(v)))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
-    for step in range(40):
+    for _ in range(40):
         batch = [pool[j] for j in rng.choice(len(pool), 16, replace=False)]
         logit = model(torch.stack([b[0] for b in batch]), torch.tensor([b[2] for b in batch]))
         loss = torch.nn.functional.binary_cross_entropy_with_logits(

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from stage2_fixtures import make_crops_for_dataset
 
 REPO = Path(__file__).resolve().parents[1]

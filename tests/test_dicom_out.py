@@ -15,14 +15,14 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from dicom_factory import axial_positions, ramp_stack, write_series
+from seg_check import dice_per_vertebra, seg_back_on_grid
 
 from common import geometry
 from common.dicom_io import load_series
 from common.labels import TARGETS, VERTEBRAE
 from common.nifti_io import save_nifti
 from cspine import dicom_out
-from dicom_factory import axial_positions, ramp_stack, write_series
-from seg_check import dice_per_vertebra, seg_back_on_grid
 
 VERSIONS = {"cspine": "0.0.test", "torch": "x", "monai": "y"}
 

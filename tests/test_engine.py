@@ -17,10 +17,10 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from e2e_fixtures import ANATOMY_OFF, anatomy_off, trained_run
 
 from common import geometry
 from common.labels import TARGETS, VERTEBRAE
-from e2e_fixtures import ANATOMY_OFF, anatomy_off, trained_run
 
 REPO = Path(__file__).resolve().parents[1]
 #: the few-step tiny models may or may not beat the constant prior; these tests are about paths
@@ -355,10 +355,11 @@ def test_submit_dicom_writes_seg_and_sr_per_study(trained_work, tiny_data, tmp_p
     """``cspine submit --dicom``: each run study gets a SEG on its source slices (Dice 1.0
     against its mask) and an SR with its probabilities; studies finished by a run without
     --dicom are run again when --dicom asks for outputs they lack."""
+    from seg_check import dice_per_vertebra, seg_back_on_grid
+
     from cspine import dicom_out
     from cspine.cli import main
     from cspine.predict import load_input
-    from seg_check import dice_per_vertebra, seg_back_on_grid
 
     work = tmp_path / "work"
     work.mkdir()

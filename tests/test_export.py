@@ -9,9 +9,9 @@ import json
 from pathlib import Path
 
 import pytest
+from e2e_fixtures import ANATOMY_OFF, anatomy_off, trained_run
 
 from common.labels import TARGETS
-from e2e_fixtures import ANATOMY_OFF, anatomy_off, trained_run
 
 
 @pytest.fixture(scope="session")

@@ -6,8 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common.folds import (FoldsError, ensure_folds, fold_balance, make_folds, read_folds,
-                          stratification_key)
+from common.folds import FoldsError, ensure_folds, fold_balance, make_folds, read_folds, stratification_key
 from common.labels import OVERALL, TARGETS, VERTEBRAE
 
 UID = "StudyInstanceUID"

@@ -11,9 +11,18 @@ import pandas as pd
 import pytest
 
 from common.labels import TARGETS
-from common.metric import (MetricInputError, auc_per_target, baseline_prevalence,
-                           competition_loss, constant_prediction, per_study_loss,
-                           submission_to_wide, weight_matrix, weighted_bce, wide_to_submission)
+from common.metric import (
+    MetricInputError,
+    auc_per_target,
+    baseline_prevalence,
+    competition_loss,
+    constant_prediction,
+    per_study_loss,
+    submission_to_wide,
+    weight_matrix,
+    weighted_bce,
+    wide_to_submission,
+)
 
 UIDS = ["1.2.826.0.1.3680043.1", "1.2.826.0.1.3680043.22"]
 

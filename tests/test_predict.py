@@ -15,11 +15,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from e2e_fixtures import ANATOMY_OFF, trained_run
 
 from common.labels import TARGETS
 from cspine.cli import main as cspine_main
-from e2e_fixtures import ANATOMY_OFF, trained_run
-
 
 
 @pytest.fixture(scope="session")
@@ -207,9 +206,10 @@ def test_predict_dicom_and_cam_outputs(trained_work, tiny_data, tmp_path, capsys
     1.0 against the NIfTI mask per vertebra), the SR holds the JSON's eight values, the CAM
     heatmap is in the CT geometry and nonzero only inside the flagged vertebrae's crops; a
     rerun without the options removes the optional files."""
+    from seg_check import dice_per_vertebra, seg_back_on_grid
+
     from common.dicom_io import load_series
     from cspine import dicom_out
-    from seg_check import dice_per_vertebra, seg_back_on_grid
 
     study = sorted((tiny_data / "test_images").iterdir())[1]
     out = tmp_path / "pred"

@@ -10,10 +10,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
-from cspine.cli import main as cspine_main
 from browser import browser_path, check_page
 from e2e_fixtures import trained_run
+
+from cspine.cli import main as cspine_main
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,8 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from cspine.runs import (STAGE1_IGNORED, RunState, decide, fingerprint, fit_stage1, fit_stage2,
-                         retire, run_state)
+from cspine.runs import (
+    STAGE1_IGNORED,
+    RunState,
+    decide,
+    fingerprint,
+    fit_stage1,
+    fit_stage2,
+    retire,
+    run_state,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE1 = [str(REPO / "configs/stage1/cpu.yaml")]

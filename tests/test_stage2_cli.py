@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from stage2_fixtures import make_crops_for_dataset, make_stage2_world
 
 from common.labels import TARGETS
 from stage2_classify.cli import cli_main
-from stage2_fixtures import make_crops_for_dataset, make_stage2_world
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs" / "stage2").glob("*.yaml"))

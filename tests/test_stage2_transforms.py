@@ -157,7 +157,6 @@ def test_assemble_batch_matches_single_crops_and_old_dicts_still_load():
 
 def test_crop_dataset_cache_gives_the_uncached_inputs(tmp_path):
     import pandas as pd
-
     from torch.utils.data import default_collate
 
     from stage2_classify.data import CropDataset, batch_inputs
@@ -210,7 +209,6 @@ def test_batch_flip_flips_image_maps_and_mask_together():
 
 
 def test_lucency_fill_keeps_a_target_that_meets_the_crop_face():
-    image = np.full((10, 10, 6), 300, np.int16)
     mask = np.zeros((10, 10, 6), np.uint8)
     mask[2:8, 2:8, :] = 3  # the vertebra runs through both z faces of the crop
     region = Preprocess(lucency=[200, 150], lucency_fill=True).lucency_region(mask == 3)

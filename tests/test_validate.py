@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from browser import check_page
+from e2e_fixtures import trained_run
+
 from common import stats
 from common.labels import OVERALL, TARGETS, VERTEBRAE
 from cspine import val_stats
-from e2e_fixtures import trained_run
 
 UID = "StudyInstanceUID"
 

@@ -14,7 +14,6 @@ import struct
 from pathlib import Path
 
 import pytest
-
 from e2e_fixtures import trained_run
 
 HEADER_BYTES = 7  # ":W&B" + magic (2) + version (1)

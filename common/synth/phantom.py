@@ -15,9 +15,18 @@ import numpy as np
 
 from common import geometry
 from common.synth.extras import paint_unlabelled_bones
-from common.synth.shapes import (VertebraShape, atlas_height_above_centre, box_of, ell_cyl,
-                                 grid_points, make_shape, paint, sd_gradient, slabs,
-                                 vertebra_sd)
+from common.synth.shapes import (
+    VertebraShape,
+    atlas_height_above_centre,
+    box_of,
+    ell_cyl,
+    grid_points,
+    make_shape,
+    paint,
+    sd_gradient,
+    slabs,
+    vertebra_sd,
+)
 
 COLUMN = ("C1", "C2", "C3", "C4", "C5", "C6", "C7", "T1", "T2", "T3", "T4")
 

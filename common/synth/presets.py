@@ -171,8 +171,9 @@ SITE_DEFAULTS: dict[str, Any] = {"site": "", "manufacturers": [], "kernels": [],
 
 #: Named "other hospital" profiles: overrides applied by ``make_config(site=...)`` /
 #: ``cspine synth --site``. ``site-b``: two vendors and kernels, thicker slices (1.5 or
-#: 2.5 mm), 12 % coarser pixels (``pixel_spacing_scale``: the preset's range times it), about twice the noise, darker bone and a +30 HU offset, a third of
-#: the studies with contrast, and patient age and sex in the headers.
+#: 2.5 mm), 12 % coarser pixels (``pixel_spacing_scale``: the preset's range times it), about
+#: twice the noise, darker bone and a +30 HU offset, a third of the studies with contrast, and
+#: patient age and sex in the headers.
 SITES: dict[str, dict[str, Any]] = {
     "site-b": {"manufacturers": ("GE MEDICAL SYSTEMS", "SIEMENS"),
                "kernels": ("BONEPLUS", "Br64"), "slice_thickness_mm": (1.5, 2.5),

@@ -29,13 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from common.atomic import write_json
+    from common.atomic import check_writable, write_json
     from common.dicom_io import SeriesError, load_series
     from common.geometry import GeometryError
-    from common.nifti_io import save_nifti
-
-    from common.atomic import check_writable
-    from common.nifti_io import NIFTI_SUFFIXES
+    from common.nifti_io import NIFTI_SUFFIXES, save_nifti
 
     check_writable(args.out, NIFTI_SUFFIXES)  # before any work: a bad path leaves nothing
     if args.qc:

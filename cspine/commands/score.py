@@ -55,8 +55,7 @@ def _check_rows(solution, sub) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from common.labels import TARGETS
-    from common.metric import (MetricInputError, as_wide, auc_per_target, competition_loss,
-                               submission_to_wide)
+    from common.metric import MetricInputError, as_wide, auc_per_target, competition_loss, submission_to_wide
     from common.tables import TableError, read_csv
 
     try:
