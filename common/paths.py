@@ -46,7 +46,9 @@ def work_root(given: str | os.PathLike | None = None, create: bool = True) -> Pa
 
 def folds_path(work: str | os.PathLike | None = None) -> Path:
     """The shared folds CSV, ``<work>/folds.csv``, read by both stages."""
-    return work_root(work, create=False) / "folds.csv"
+    from common.layout import WorkLayout
+
+    return WorkLayout(work_root(work, create=False)).folds
 
 
 def run_relative(path: str | os.PathLike, run_dir: str | os.PathLike) -> str:

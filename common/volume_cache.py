@@ -33,13 +33,14 @@ import numpy as np
 
 from common.atomic import save_npz
 from common.geometry import Volume
+from common.layout import WorkLayout
 
 CACHE_VERSION = 1
 
 
 def volume_cache_dir(work_dir: str | os.PathLike) -> Path:
     """``$WORK/cache/volumes``."""
-    return Path(work_dir) / "cache" / "volumes"
+    return WorkLayout(work_dir).volume_cache
 
 
 def series_key(study_dir: str | os.PathLike, lenient: bool) -> dict[str, Any]:

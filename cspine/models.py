@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.layout import WorkLayout
 from common.paths import run_resolve
 from stage2_classify.aggregate import DEFAULT_CLIP, DEFAULT_RULE, RULES
 
@@ -90,7 +91,8 @@ def models_from_work(work: str | os.PathLike, rule: str | None = None,
         PredictError: naming the missing file and the make target that writes it.
     """
     work = Path(work)
-    s1 = work / "stage1"
+    layout = WorkLayout(work)
+    s1 = layout.stage1
     if (s1 / "run.json").is_file():
         best = json.loads((s1 / "run.json").read_text()).get("best_checkpoint") or ""
         stage1 = _existing(run_resolve(best, s1) if best else s1 / "checkpoints" / "last.ckpt",
@@ -101,7 +103,7 @@ def models_from_work(work: str | os.PathLike, rule: str | None = None,
         raise PredictError(f"no stage-1 model in {s1} (run.json or checkpoints/last.ckpt): "
                            f"run `make stage1-fit WORK={work}` or pass --stage1-ckpt")
     stage2 = []
-    for run in sorted((work / "stage2").glob("fold*/run.json")):
+    for run in sorted(layout.stage2.glob("fold*/run.json")):
         ckpt = run_resolve(json.loads(run.read_text())["checkpoint"], run.parent)
         stage2.append(_existing(ckpt))
     if not stage2:
@@ -109,7 +111,7 @@ def models_from_work(work: str | os.PathLike, rule: str | None = None,
                            f"`make stage2-fit WORK={work}` or pass --stage2-ckpt")
     crops_run = s1 / "crops" / "run.json"
     crops = json.loads(crops_run.read_text()).get("crops", {}) if crops_run.is_file() else {}
-    stacker = work / "stage2" / "stacker.json"
+    stacker = layout.stacker
     recorded_rule, recorded_clip = evaluated_settings(work)
     rule = rule or recorded_rule
     if rule not in RULES:
@@ -126,7 +128,7 @@ def evaluated_settings(work: Path) -> tuple[str, tuple[float, float]]:
     """The ``patient_overall`` rule and clip range that ``make evaluate`` recorded
     (``WORK/metrics.json`` → ``rule``, ``clip``), else the defaults."""
     rule, clip = DEFAULT_RULE, DEFAULT_CLIP
-    metrics = Path(work) / "metrics.json"
+    metrics = WorkLayout(work).metrics
     if metrics.is_file():
         doc = json.loads(metrics.read_text())
         if doc.get("rule") in RULES:
@@ -151,7 +153,7 @@ def operating_point(work: Path | None) -> tuple[float, str]:
     threshold that ``make evaluate`` chose on the out-of-fold rows at :data:`DEFAULT_POINT`
     (``"metrics.json operating_points.vertebrae.sens90 (out of fold)"``), else
     (:data:`DEFAULT_THRESHOLD`, ``"default"``)."""
-    metrics = Path(work) / "metrics.json" if work is not None else None
+    metrics = WorkLayout(work).metrics if work is not None else None
     doc: dict[str, Any] = {}
     if metrics is not None and metrics.is_file():
         try:

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from common.labels import TARGETS, VERTEBRAE
+from common.layout import WorkLayout
 from cspine.summary import outputs, stage1_dice, stage2_metrics, wandb_runs
 
 CSS = """
@@ -96,7 +97,7 @@ def _csv(path: Path) -> pd.DataFrame | None:
 # ---------------------------------------------------------------------------- sections
 def census_section(work: Path) -> str:
     """Data census from ``qc_data.csv`` (check-data): studies per split × status, geometry."""
-    path = work / "qc_data.csv"
+    path = WorkLayout(work).qc_data
     qc = _csv(path)
     out = ["<h2>1. Data census</h2>"]
     if qc is None or qc.empty:
@@ -142,8 +143,8 @@ def recomputed_dice(work: Path, fold: int | None, limit: int = 200
         (one row per study: study_uid + C1..C7 Dice, NaN when that vertebra is absent from the
         ground truth; the UIDs in the order used).
     """
-    qc = _csv(work / "stage1" / "crops" / "qc_crops.csv")
-    folds = _csv(work / "folds.csv")
+    qc = _csv(WorkLayout(work).qc_crops)
+    folds = _csv(WorkLayout(work).folds)
     columns = [f"dice_{v}" for v in VERTEBRAE]
     if qc is None or folds is None or not set(columns) & set(qc.columns):
         return pd.DataFrame(columns=["study_uid", *VERTEBRAE]), []
@@ -204,8 +205,8 @@ def plot_overlays(work: Path, uids: list[str], path: Path, n: int = 3) -> bool:
         return False
     fig, axes = plt.subplots(len(chosen), 2, figsize=(6.4, 3.3 * len(chosen)), squeeze=False)
     for row, uid in enumerate(chosen):
-        study = load_cached(sorted((work / "stage1" / "cache").glob(f"*/{uid}.npz"))[-1])
-        ct_mask, ct_affine = load_nifti(work / "stage1" / "masks" / f"{uid}.nii.gz")
+        study = load_cached(sorted(WorkLayout(work).stage1_cache.glob(f"*/{uid}.npz"))[-1])
+        ct_mask, ct_affine = load_nifti(WorkLayout(work).stage1_masks / f"{uid}.nii.gz")
         pred, _ = geometry.labels_to_grid(np.asarray(ct_mask), ct_affine, study.affine,
                                           study.image.shape)
         image, aff = geometry.reorient(np.asarray(study.image), study.affine, "LPS")
@@ -232,7 +233,7 @@ def stage1_section(work: Path, report_dir: Path) -> str:
     out = ["<h2>2. Stage 1: C1–C7 segmentation</h2>"]
     s1 = stage1_dice(work)
     if s1 is None:
-        return "".join(out) + missing("stage-1 validation Dice", work / "stage1" / "run.json",
+        return "".join(out) + missing("stage-1 validation Dice", WorkLayout(work).stage1_run,
                                       "stage1-fit")
     rec, uids = recomputed_dice(work, s1["fold"])
     rows = [["validation Dice (best checkpoint, run.json)",
@@ -253,7 +254,7 @@ def stage1_section(work: Path, report_dir: Path) -> str:
     out.append("<div class='row'>" + "".join(imgs) + "</div>")
     out.append("<p class='note'>Overlays: sagittal slice through the middle of the spine, on the "
                "stage-1 model grid, anterior left, superior up.</p>")
-    qc = _csv(work / "stage1" / "crops" / "qc_crops.csv")
+    qc = _csv(WorkLayout(work).qc_crops)
     if qc is not None and "found" in qc:
         incomplete = qc[pd.to_numeric(qc["found"], errors="coerce") < len(VERTEBRAE)]
         out.append(f"<p>{len(qc)} train studies through the engine (<code>make crops</code>); "
@@ -265,7 +266,7 @@ def stage2_section(work: Path, report_dir: Path) -> str:
     out = ["<h2>3. Stage 2: fracture classification (out of fold)</h2>"]
     m = stage2_metrics(work)
     if m is None:
-        return "".join(out) + missing("stage-2 metrics", work / "metrics.json", "evaluate")
+        return "".join(out) + missing("stage-2 metrics", WorkLayout(work).metrics, "evaluate")
     base = m.get("baseline_prevalence", {})
     rows = [["constant prevalence (baseline)", base.get("comp_loss", math.nan),
              base.get("comp_loss_global", math.nan)]]
@@ -304,7 +305,7 @@ def stage2_section(work: Path, report_dir: Path) -> str:
             if (report_dir / n).is_file()]
     out.append("<div class='row'>" + "".join(imgs) + "</div>" if imgs else
                missing("ROC / calibration plots", report_dir / "roc.png", "evaluate"))
-    sub = work / "submission.csv"
+    sub = WorkLayout(work).submission
     if sub.is_file():
         n = len(pd.read_csv(sub))
         out.append(f"<p>Submission: <code>{_esc(sub)}</code>, {n} rows.</p>")
@@ -328,21 +329,21 @@ def qc_section(work: Path) -> str:
     """Failed studies and the slowest studies of each step."""
     out = ["<h2>4. Quality control: failed and slowest studies</h2>"]
     failed = []
-    prep = _csv(work / "stage1" / "qc_prepare.csv")
+    prep = _csv(WorkLayout(work).qc_prepare)
     if prep is not None and "status" in prep:
         for r in prep[prep["status"].astype(str).str.startswith("fail")].itertuples():
             failed.append(("stage1-prepare", r.study_uid, f"{r.reason}: {r.message}"))
-    pred = _csv(work / "stage1" / "crops" / "qc_crops.csv")
+    pred = _csv(WorkLayout(work).qc_crops)
     if pred is not None and "status" in pred:
         for r in pred[pred["status"].astype(str) != "ok"].itertuples():
             failed.append(("crops", r.study_uid, f"{r.status}: {getattr(r, 'message', '')}"))
-    man = _csv(work / "stage1" / "crops" / "vertebrae.csv")
+    man = _csv(WorkLayout(work).manifest)
     if man is not None and "qc_status" in man:
         bad = man[man["qc_status"].astype(str).str.startswith("failed")]
         absent = man[man["qc_status"].astype(str).str.startswith("absent")]
         out.append(f"<p>Crop manifest: {int((man['qc_status'] == 'ok').sum())} crops, "
                    f"{len(absent)} vertebrae marked absent, {len(bad)} rows failed.</p>")
-    sub = _csv(work / "stage2" / "submit_qc.csv")
+    sub = _csv(WorkLayout(work).submit_qc)
     if sub is not None and "status" in sub:
         for r in sub[sub["status"].astype(str) != "ok"].itertuples():
             failed.append(("submit", r.StudyInstanceUID, r.status))
@@ -352,12 +353,12 @@ def qc_section(work: Path) -> str:
     else:
         out.append("<p class='good'>No failed studies in the QC records.</p>")
     for title, path, uid, cols in (
-            ("stage1-prepare (load + resample)", work / "stage1" / "qc_prepare.csv", "study_uid",
+            ("stage1-prepare (load + resample)", WorkLayout(work).qc_prepare, "study_uid",
              ["split", "status", "src_shape"]),
             ("crops (engine, stage-1 part, train studies)",
-             work / "stage1" / "crops" / "qc_crops.csv", "study_uid",
+             WorkLayout(work).qc_crops, "study_uid",
              ["split", "volume", "found", "dice_mean"]),
-            ("submit (engine, test studies)", work / "stage2" / "submit_qc.csv",
+            ("submit (engine, test studies)", WorkLayout(work).submit_qc,
              "StudyInstanceUID", ["status", "volume", "crops_used"])):
         slow = _slowest(path, uid, cols)
         if slow is not None:
@@ -374,7 +375,7 @@ def write_report(work: str | os.PathLike, data: str | os.PathLike | None = None)
     from common.atomic import write_text
 
     work = Path(work)
-    report_dir = work / "report"
+    report_dir = WorkLayout(work).report
     report_dir.mkdir(parents=True, exist_ok=True)
     outs = outputs(work)
     runs = wandb_runs(work)

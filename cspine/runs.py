@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from common.layout import WorkLayout
+
 DECISIONS = ("skip", "resume", "retire", "fresh")
 FINGERPRINT = "fit.fingerprint"
 #: Settings that cannot change stage 1's weights: paths, logging, the cache-building processes,
@@ -161,10 +163,11 @@ def fit_stage1(data: str | os.PathLike, work: str | os.PathLike, configs: Sequen
     data, work = Path(data), Path(work)
     args = [*stage1_args(configs, data, work, overrides), "--data.prepare_jobs", str(jobs)]
     settings = parse_settings(args).as_dict()
-    fp = fingerprint(settings, {"folds": (work / "folds.csv", "make folds"),
+    layout = WorkLayout(work)
+    fp = fingerprint(settings, {"folds": (layout.folds, "make folds"),
                                 "labels": (data / "train.csv", "the RSNA layout")},
                      STAGE1_IGNORED)
-    run_dir = work / "stage1"
+    run_dir = layout.stage1
     movable = [run_dir / n for n in ("checkpoints", "run.json", "wandb", "configs", FINGERPRINT)]
     return _step("stage 1 fit", run_dir, fp, movable,
                  [sys.executable, "-m", "stage1_segment", "fit", *args], launch)
@@ -178,12 +181,12 @@ def fit_stage2(data: str | os.PathLike, work: str | os.PathLike, configs: Sequen
     from stage2_classify.cli import parse_settings
 
     data, work = Path(data), Path(work)
-    manifest, folds_csv = work / "stage1" / "crops" / "vertebrae.csv", work / "folds.csv"
+    layout = WorkLayout(work)
+    manifest, folds_csv = layout.manifest, layout.folds
     inputs = {"manifest": (manifest, "make crops"), "folds": (folds_csv, "make folds"),
               "labels": (data / "train.csv", "the RSNA layout")}
     for k in folds:
-        run_dir = work / "stage2" / f"fold{k}"
-        oof = work / "stage2" / "oof" / f"fold{k}.csv"
+        run_dir, oof = layout.fold(k), layout.oof_fold(k)
         args = [*[a for c in configs for a in ("-c", str(c))], "--data.fold", str(k),
                 "--data.manifest", str(manifest), "--data.data_root", str(data),
                 "--data.folds_csv", str(folds_csv), "--trainer.default_root_dir", str(run_dir),

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from common.labels import TARGETS, VERTEBRAE
+from common.layout import WorkLayout
 from cspine.batch import StudyTask, run_batch, select_shard
 
 
@@ -91,7 +92,7 @@ IF_WORSE = ("refuse", "go-on", "prior")
 def worse_than_prior(work: Path, rule: str) -> str:
     """Why the run's ``rule`` does not beat the constant prior out of fold ("" when it does,
     or when ``make evaluate`` has not scored it)."""
-    metrics = work / "metrics.json"
+    metrics = WorkLayout(work).metrics
     if not metrics.is_file():
         return ""
     m = json.loads(metrics.read_text())
@@ -134,7 +135,8 @@ def submit(work: str | os.PathLike, data_root: str | os.PathLike, rule: str | No
     from cspine.predict import package_versions, sr_source
 
     work, data_root = Path(work), Path(data_root)
-    out = Path(out) if out else work / "submission.csv"
+    layout = WorkLayout(work)
+    out = Path(out) if out else layout.submission
     spec = models_from_work(work, rule=rule, clip=clip)
     worse = worse_than_prior(work, spec.rule)
     if worse and if_worse == "refuse":
@@ -150,7 +152,7 @@ def submit(work: str | os.PathLike, data_root: str | os.PathLike, rule: str | No
     key = models_key(spec, engine.anatomy_limits)
     row_ids, tasks = test_tasks(data_root)
     mine = select_shard(tasks, shard)
-    predict_dir = work / "predict"
+    predict_dir = layout.predict
     probs: dict[str, dict[str, float]] = {}
     threshold, threshold_source = operating_point(work)
     versions, run_id = package_versions(), uuid.uuid4().hex
@@ -230,10 +232,10 @@ def submit(work: str | os.PathLike, data_root: str | os.PathLike, rule: str | No
     sub = pd.DataFrame({"row_id": row_ids, "fractured": values})
     write_csv(out, sub)
     qc_frame = pd.DataFrame(qc)
-    write_csv(work / "stage2" / "submit_qc.csv", qc_frame)
+    write_csv(layout.submit_qc, qc_frame)
     ran = qc_frame[qc_frame["volume"] != "done"] if len(qc_frame) else qc_frame
     secs = ran["seconds"].to_numpy(float) if len(ran) else np.zeros(0)
-    write_json(work / "stage2" / "submit_timing.json", {
+    write_json(layout.submit_timing, {
         "studies": len(tasks), "models": len(engine.stage2), "rule": spec.rule,
         "clip": list(spec.clip), "device": engine.device,
         "studies_run": int(len(secs)),

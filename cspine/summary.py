@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from common.labels import OVERALL, TARGETS, VERTEBRAE
+from common.layout import WorkLayout
 
 
 def _json(path: Path) -> dict[str, Any] | None:
@@ -39,7 +40,7 @@ def stage1_dice(work: str | os.PathLike) -> dict[str, Any] | None:
         ``{"dice": {C1..C7: float}, "mean": float, "fold": int | None, "checkpoint": str}``, or
         None when stage 1 has not finished a fit.
     """
-    run = _json(Path(work) / "stage1" / "run.json")
+    run = _json(WorkLayout(work).stage1_run)
     if not run or not run.get("best_val"):
         return None
     val = run["best_val"]
@@ -54,14 +55,15 @@ def stage1_dice(work: str | os.PathLike) -> dict[str, Any] | None:
 
 def stage2_metrics(work: str | os.PathLike) -> dict[str, Any] | None:
     """``WORK/metrics.json`` (written by ``make evaluate``), or None."""
-    return _json(Path(work) / "metrics.json")
+    return _json(WorkLayout(work).metrics)
 
 
 def wandb_runs(work: str | os.PathLike) -> list[Path]:
     """Offline W&B run folders of both stages (``offline-run-*``), oldest first."""
     work = Path(work)
-    runs = list((work / "stage1" / "wandb").glob("offline-run-*"))
-    runs += list((work / "stage2").glob("fold*/wandb/offline-run-*"))
+    layout = WorkLayout(work)
+    runs = list((layout.stage1 / "wandb").glob("offline-run-*"))
+    runs += list(layout.stage2.glob("fold*/wandb/offline-run-*"))
     runs += list((work / "wandb").glob("offline-run-*"))
     return sorted(runs, key=lambda p: p.name)
 
@@ -69,11 +71,11 @@ def wandb_runs(work: str | os.PathLike) -> list[Path]:
 def outputs(work: str | os.PathLike) -> dict[str, Path]:
     """The run's main output files that exist."""
     work = Path(work)
-    cands = {"submission": work / "submission.csv", "oof": work / "oof.csv",
-             "metrics": work / "metrics.json", "report": work / "report" / "index.html",
-             "stage1 checkpoints": work / "stage1" / "checkpoints",
-             "stage2 checkpoints": work / "stage2", "crop manifest":
-             work / "stage1" / "crops" / "vertebrae.csv"}
+    layout = WorkLayout(work)
+    cands = {"submission": layout.submission, "oof": layout.oof, "metrics": layout.metrics,
+             "report": layout.report / "index.html",
+             "stage1 checkpoints": layout.stage1_checkpoints,
+             "stage2 checkpoints": layout.stage2, "crop manifest": layout.manifest}
     return {k: p for k, p in cands.items() if p.exists()}
 
 

@@ -37,6 +37,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from common.labels import VERTEBRAE
+from common.layout import WorkLayout
 from cspine.batch import StudyTask, run_batch, select_shard
 
 
@@ -48,7 +49,7 @@ def train_tasks(data_root: Path, work_dir: Path, n_folds: int) -> list[StudyTask
     ds = RSNADataset(data_root)
     if not (data_root / "train.csv").is_file():
         return []
-    folds = ensure_folds(ds.labels, work_dir / "folds.csv", n_folds)
+    folds = ensure_folds(ds.labels, WorkLayout(work_dir).folds, n_folds)
     fold_of = dict(zip(folds["StudyInstanceUID"], folds["fold"].astype(int)))
     return [StudyTask(uid, "train", str(ds.study_dir(uid)), int(fold_of.get(uid, -1)))
             for uid in ds.train_uids()]
@@ -132,10 +133,11 @@ def make_crops(data_root: str | os.PathLike, work_dir: str | os.PathLike, cfg,
     from stage1_segment.runs import dice_per_vertebra, resolve_checkpoint, run_id
 
     data_root, work_dir = Path(data_root), Path(work_dir)
-    crops_dir, masks_dir = work_dir / "stage1" / "crops", work_dir / "stage1" / "masks"
+    layout = WorkLayout(work_dir)
+    crops_dir, masks_dir = layout.crops, layout.stage1_masks
     rows_dir = crops_dir / "rows"
     rows_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = resolve_checkpoint(stage1_ckpt, work_dir / "stage1" / "checkpoints")
+    ckpt = resolve_checkpoint(stage1_ckpt, layout.stage1_checkpoints)
     run = run_id(ckpt)
     engine = StudyEngine(load_model(ckpt, map_location=device), cfg)
     settings = grid_settings(engine.stage1)
@@ -195,10 +197,10 @@ def make_crops(data_root: str | os.PathLike, work_dir: str | os.PathLike, cfg,
         return None
     frame = pd.DataFrame([r for t in tasks for r in records[t.uid]])
     frame = frame.reindex(columns=list(COLUMNS))
-    manifest = crops_dir / "vertebrae.csv"
+    manifest = layout.manifest
     write_csv(manifest, frame)
     qc_frame = pd.DataFrame(qc)
-    write_csv(crops_dir / "qc_crops.csv", qc_frame)
+    write_csv(layout.qc_crops, qc_frame)
     status = frame["qc_status"].astype(str).str.split(":").str[0].value_counts().to_dict()
     write_json(crops_dir / "run.json", {
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -25,6 +25,7 @@ import pandas as pd
 
 from common import stats
 from common.labels import OVERALL, TARGETS, VERTEBRAE
+from common.layout import WorkLayout
 
 UID = "StudyInstanceUID"
 P = {t: f"p_{t}" for t in TARGETS}
@@ -42,7 +43,7 @@ def oof_points(work: str | Path) -> dict[str, Any]:
     Raises:
         ValueError: no metrics.json or no operating points in it (older evaluation).
     """
-    path = Path(work) / "metrics.json"
+    path = WorkLayout(work).metrics
     if not path.is_file():
         raise ValueError(f"{path} not found: run `make evaluate WORK={work}` first (it records "
                          f"the operating points that validation applies)")

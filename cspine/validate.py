@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 
 from common.labels import OVERALL, TARGETS, VERTEBRAE
+from common.layout import WorkLayout
 from cspine.batch import StudyTask, run_batch
 
 UID = "StudyInstanceUID"
@@ -245,7 +246,7 @@ def validate(data: str | os.PathLike, work: str | os.PathLike, out: str | os.Pat
     t_start = time.perf_counter()
     work = Path(work)
     name = Path(data).stem if Path(data).is_file() else Path(data).resolve().name
-    out = Path(out) if out else work / "validation" / name
+    out = Path(out) if out else WorkLayout(work).validation(name)
     if not 0.0 < prevalence < 1.0:
         raise ValueError(f"--prevalence {prevalence} must lie strictly between 0 and 1")
     if recalibrate is not None and not 0.0 < recalibrate < 1.0:

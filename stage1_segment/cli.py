@@ -31,6 +31,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 from common.checkpoints import EpochEndModelCheckpoint
 from common.labels import num_classes
+from common.layout import WorkLayout
 from stage1_segment.crops import CropConfig
 from stage1_segment.data import Stage1DataModule
 from stage1_segment.module import Stage1Module
@@ -41,7 +42,7 @@ LINKED_TO_MODEL = ("hu_window", "grid_shape", "grid_spacing_mm", "patch_size", "
 
 def checkpoint_dir(work_dir: str) -> str:
     """``$WORK/stage1/checkpoints``: fixed, so ``--ckpt_path last`` finds the previous run."""
-    return str(Path(work_dir) / "stage1" / "checkpoints")
+    return str(WorkLayout(work_dir).stage1_checkpoints)
 
 
 class LoggedSaveConfigCallback(SaveConfigCallback):
@@ -108,7 +109,7 @@ class Stage1CLI(LightningCLI):
             from common.paths import run_relative
 
             config = self.config[self.subcommand]
-            run_dir = Path(config.data.work_dir) / "stage1"
+            run_dir = WorkLayout(config.data.work_dir).stage1
             write_json(run_dir / "run.json", {
                 "best_checkpoint": run_relative(ckpt.best_model_path or ckpt.last_model_path,
                                                 run_dir),
@@ -121,10 +122,10 @@ class Stage1CLI(LightningCLI):
     def before_instantiate_classes(self) -> None:  # noqa: D102
         config = self.config[self.subcommand] if self.subcommand else self.config
         if not config.trainer.get("default_root_dir"):  # logger-less runs: configs in $WORK too
-            config.trainer.default_root_dir = str(Path(config.data.work_dir) / "stage1")
+            config.trainer.default_root_dir = str(WorkLayout(config.data.work_dir).stage1)
         from common.tracking import apply_wandb_settings
 
-        apply_wandb_settings(config.trainer, Path(config.data.work_dir) / "stage1")
+        apply_wandb_settings(config.trainer, WorkLayout(config.data.work_dir).stage1)
 
 
 def yaml_safe(text: str) -> dict:

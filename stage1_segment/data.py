@@ -18,6 +18,7 @@ from monai.data import CacheDataset, Dataset, list_data_collate
 from torch.utils.data import DataLoader
 
 from common.labels import num_classes as count_classes
+from common.layout import WorkLayout
 from stage1_segment.prepare import GridSettings, cache_path, list_studies, prepare_studies
 from stage1_segment.transforms import AugmentConfig, train_transforms, val_transforms
 
@@ -93,7 +94,7 @@ class Stage1DataModule(pl.LightningDataModule):
         from common.folds import ensure_folds
 
         labels = RSNADataset(self.data_root).labels
-        folds = ensure_folds(labels, self.work_dir / "folds.csv", self.hparams.n_folds,
+        folds = ensure_folds(labels, WorkLayout(self.work_dir).folds, self.hparams.n_folds,
                              self.hparams.fold_seed)
         fold_of = dict(zip(folds["StudyInstanceUID"], folds["fold"]))
         uids = self._usable()

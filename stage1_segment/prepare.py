@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from common import geometry
 from common.atomic import save_npz, write_csv, write_json
 from common.geometry import AIR_HU, Volume
+from common.layout import WorkLayout
 
 CACHE_VERSION = 1
 
@@ -104,7 +105,7 @@ class CachedStudy:
 
 def cache_dir(work_dir: str | os.PathLike, settings: GridSettings) -> Path:
     """``$WORK/stage1/cache/<settings key>``."""
-    return Path(work_dir) / "stage1" / "cache" / settings.key()
+    return WorkLayout(work_dir).stage1_cache / settings.key()
 
 
 def cache_path(work_dir: str | os.PathLike, settings: GridSettings, uid: str) -> Path:
@@ -236,7 +237,7 @@ def prepare_studies(data_root: str | os.PathLike, work_dir: str | os.PathLike,
     folder = cache_dir(work_dir, settings)
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "settings.json", {**asdict(settings), "version": CACHE_VERSION})
-    qc_path = Path(work_dir) / "stage1" / "qc_prepare.csv"
+    qc_path = WorkLayout(work_dir).qc_prepare
     previous = _previous_rows(qc_path)
     rows, todo = [], []
     for uid, split, sdir, mask in studies:

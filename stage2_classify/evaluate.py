@@ -27,6 +27,7 @@ from common.atomic import atomic_path, write_csv, write_json
 from common.dataset import RSNADataset
 from common.folds import read_folds
 from common.labels import OVERALL, TARGETS, VERTEBRAE
+from common.layout import WorkLayout
 from common.metric import auc_per_target, baseline_prevalence, competition_loss, constant_prediction
 from stage2_classify.aggregate import (
     DEFAULT_CLIP,
@@ -98,13 +99,14 @@ def score(y: pd.DataFrame, pred: pd.DataFrame) -> dict[str, float]:
 def evaluate(work: Path, data_root: Path, rule: str = DEFAULT_RULE,
              clip: tuple[float, float] = DEFAULT_CLIP, C: float = 1.0) -> dict:
     """Compute and write every output listed in the module docstring; returns the metrics dict."""
-    oof = merge_oof(work / "stage2" / "oof")
+    layout = WorkLayout(work)
+    oof = merge_oof(layout.oof_dir)
     labels = RSNADataset(data_root).labels.set_index(UID)
     missing = oof.index.difference(labels.index)
     if len(missing):
         raise ValueError(f"OOF studies without train.csv labels: {missing[:5].tolist()}")
     y = labels.loc[oof.index, list(TARGETS)]
-    folds = read_folds(work / "folds.csv").set_index(UID)["fold"]
+    folds = read_folds(layout.folds).set_index(UID)["fold"]
     preds = rule_predictions(oof, labels, clip, C)
     chosen = preds[rule]
     base = fold_baseline(labels[list(TARGETS)], folds, oof.index, clip)
@@ -122,11 +124,11 @@ def evaluate(work: Path, data_root: Path, rule: str = DEFAULT_RULE,
         "operating_points": operating_points(y, chosen),
     }
     metrics["beats_prior"] = bool(metrics["comp_loss"] < metrics["baseline_prevalence"]["comp_loss"])
-    write_csv(work / "oof.csv", chosen.assign(fold=oof["fold"]).reset_index())
-    write_json(work / "metrics.json", metrics)
-    Stacker(C=C).fit(oof[list(VERTEBRAE)], labels).save(work / "stage2" / "stacker.json")
-    plot_roc(y, chosen, work / "report" / "roc.png")
-    plot_calibration(y, chosen, work / "report" / "calibration.png")
+    write_csv(layout.oof, chosen.assign(fold=oof["fold"]).reset_index())
+    write_json(layout.metrics, metrics)
+    Stacker(C=C).fit(oof[list(VERTEBRAE)], labels).save(layout.stacker)
+    plot_roc(y, chosen, layout.report / "roc.png")
+    plot_calibration(y, chosen, layout.report / "calibration.png")
     print(format_table(metrics))
     if not metrics["beats_prior"]:
         print(f"WARNING: the model (rule {rule}) does not beat the constant prior out of fold "

@@ -46,10 +46,11 @@ def run(args: argparse.Namespace) -> int:
             mask, _ = geometry.labels_to_grid(labels.astype("uint8"), affine, volume.affine,
                                               volume.shape)
         else:
+            from common.layout import WorkLayout
             from stage1_segment.inference import load_model, segment_volume
             from stage1_segment.runs import resolve_checkpoint
 
-            ckpt = resolve_checkpoint(args.ckpt, args.work / "stage1" / "checkpoints")
+            ckpt = resolve_checkpoint(args.ckpt, WorkLayout(args.work).stage1_checkpoints)
             mask = segment_volume(load_model(ckpt, map_location=args.device), volume)
         save_nifti(args.out, mask.astype("uint8"), volume.affine)
     except (ValueError, OSError) as err:  # SeriesError / GeometryError are ValueErrors
