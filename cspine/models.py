@@ -80,7 +80,8 @@ def models_from_work(work: str | os.PathLike, rule: str | None = None,
                      clip: tuple[float, float] | None = None) -> ModelSpec:
     """The models of a training run folder ``WORK`` (``make demo`` / the stage targets).
 
-    Stage 1: ``WORK/stage1/run.json`` → ``best_checkpoint`` (else ``checkpoints/last.ckpt``);
+    Stage 1: ``WORK/stage1/run.json`` → ``checkpoint`` (:mod:`common.run_record`; else
+    ``checkpoints/last.ckpt``);
     stage 2: every ``WORK/stage2/fold<k>/run.json`` → ``checkpoint``; crop settings from
     ``WORK/stage1/crops/run.json``; the ``patient_overall`` rule and clip range that
     ``make evaluate`` recorded (``WORK/metrics.json``) unless ``rule`` / ``clip`` override them
@@ -94,7 +95,8 @@ def models_from_work(work: str | os.PathLike, rule: str | None = None,
     layout = WorkLayout(work)
     s1 = layout.stage1
     if (s1 / "run.json").is_file():
-        best = json.loads((s1 / "run.json").read_text()).get("best_checkpoint") or ""
+        record = json.loads((s1 / "run.json").read_text())
+        best = record.get("checkpoint") or record.get("best_checkpoint") or ""  # older runs
         stage1 = _existing(run_resolve(best, s1) if best else s1 / "checkpoints" / "last.ckpt",
                            s1 / "checkpoints" / "last.ckpt")
     elif (s1 / "checkpoints" / "last.ckpt").is_file():

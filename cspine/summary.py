@@ -2,7 +2,8 @@
 
 What a run folder holds (written by the stage targets; every one is optional here):
 
-* ``WORK/stage1/run.json``: ``best_val`` with ``val/dice_C1`` … ``val/dice_mean`` (validation fold
+* ``WORK/stage1/run.json`` (:mod:`common.run_record`): ``metrics`` with ``val/dice_C1`` …
+  ``val/dice_mean`` (validation fold
   of the best stage-1 checkpoint) and the resolved ``config`` (``data.val_fold``);
 * ``WORK/metrics.json``: stage-2 out-of-fold competition metric (``comp_loss``,
   ``comp_loss_global``), ``baseline_prevalence``, ``rules`` and ``auc`` per target;
@@ -41,16 +42,17 @@ def stage1_dice(work: str | os.PathLike) -> dict[str, Any] | None:
         None when stage 1 has not finished a fit.
     """
     run = _json(WorkLayout(work).stage1_run)
-    if not run or not run.get("best_val"):
+    val = (run or {}).get("metrics") or (run or {}).get("best_val")  # best_val: older runs
+    if not val:
         return None
-    val = run["best_val"]
     dice = {v: float(val[f"val/dice_{v}"]) for v in VERTEBRAE if f"val/dice_{v}" in val}
     config = run.get("config") or {}
     config = config.get("fit", config)  # the LightningCLI dump is keyed by subcommand
     fold = (config.get("data") or {}).get("val_fold")
     mean = val.get("val/dice_mean", sum(dice.values()) / len(dice) if dice else math.nan)
     return {"dice": dice, "mean": float(mean), "fold": fold,
-            "checkpoint": run.get("best_checkpoint", ""), "epochs": run.get("epochs")}
+            "checkpoint": run.get("checkpoint") or run.get("best_checkpoint", ""),
+            "epochs": run.get("epochs")}
 
 
 def stage2_metrics(work: str | os.PathLike) -> dict[str, Any] | None:

@@ -22,16 +22,14 @@ Conventions (STYLE.md §2):
 
 from __future__ import annotations
 
-import os
-import time
-from pathlib import Path
 from typing import Sequence
 
-from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from common.checkpoints import EpochEndModelCheckpoint
 from common.labels import num_classes
 from common.layout import WorkLayout
+from common.tracking import RunConfigCallback
 from stage1_segment.crops import CropConfig
 from stage1_segment.data import Stage1DataModule
 from stage1_segment.module import Stage1Module
@@ -43,30 +41,6 @@ LINKED_TO_MODEL = ("hu_window", "grid_shape", "grid_spacing_mm", "patch_size", "
 def checkpoint_dir(work_dir: str) -> str:
     """``$WORK/stage1/checkpoints``: fixed, so ``--ckpt_path last`` finds the previous run."""
     return str(WorkLayout(work_dir).stage1_checkpoints)
-
-
-class LoggedSaveConfigCallback(SaveConfigCallback):
-    """Write the resolved config to ``<log dir>/configs/<stage>-<run id>.yaml`` (a new file per
-    run, so resuming never overwrites the first run's config) and log it to the logger."""
-
-    def setup(self, trainer, pl_module, stage: str) -> None:  # noqa: D102
-        if not self.already_saved:
-            logger = trainer.logger
-            run = getattr(logger, "version", None) if trainer.is_global_zero and logger else None
-            stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-            name = getattr(stage, "value", stage)
-            self.config_filename = os.path.join("configs", f"{name}-{run or stamp}.yaml")
-            log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
-            if trainer.is_global_zero and log_dir:
-                Path(log_dir, "configs").mkdir(parents=True, exist_ok=True)
-        super().setup(trainer, pl_module, stage)
-
-    def save_config(self, trainer, pl_module, stage: str) -> None:  # noqa: D102 (rank 0 only)
-        import yaml
-
-        if trainer.logger is not None:
-            resolved = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
-            trainer.logger.log_hyperparams({"config": resolved})
 
 
 class Stage1CLI(LightningCLI):
@@ -105,19 +79,17 @@ class Stage1CLI(LightningCLI):
         metrics = trainer.validate(self.model, datamodule=self.datamodule,
                                    ckpt_path=ckpt.best_model_path or None, verbose=False)
         if trainer.is_global_zero:
-            from common.atomic import write_json
-            from common.paths import run_relative
+            from common.run_record import write_run_record
 
             config = self.config[self.subcommand]
-            run_dir = WorkLayout(config.data.work_dir).stage1
-            write_json(run_dir / "run.json", {
-                "best_checkpoint": run_relative(ckpt.best_model_path or ckpt.last_model_path,
-                                                run_dir),
-                "last_checkpoint": run_relative(ckpt.last_model_path, run_dir),
-                "best_score": float(ckpt.best_model_score) if ckpt.best_model_score is not None
-                else None, "monitor": ckpt.monitor, "epochs": trainer.current_epoch,
-                "best_val": {k: round(float(v), 4) for k, v in (metrics[0] if metrics else {}).items()},
-                "config": yaml_safe(self.parser.dump(self.config, skip_none=False))})
+            best = ckpt.best_model_path or ckpt.last_model_path
+            write_run_record(
+                WorkLayout(config.data.work_dir).stage1, "stage1", checkpoint=best,
+                best_checkpoint=best, last_checkpoint=ckpt.last_model_path,
+                monitor=ckpt.monitor, best_score=ckpt.best_model_score,
+                epochs=trainer.current_epoch,
+                metrics={k: round(float(v), 4) for k, v in (metrics[0] if metrics else {}).items()},
+                config=yaml_safe(self.parser.dump(self.config, skip_none=False)))
 
     def before_instantiate_classes(self) -> None:  # noqa: D102
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -138,7 +110,7 @@ def yaml_safe(text: str) -> dict:
 def main(args: Sequence[str] | None = None, run: bool = True) -> Stage1CLI:
     """Run the stage-1 LightningCLI (``args`` as on the command line; None = sys.argv)."""
     return Stage1CLI(Stage1Module, Stage1DataModule, args=args, run=run,
-                     save_config_callback=LoggedSaveConfigCallback,
+                     save_config_callback=RunConfigCallback,
                      parser_kwargs={"description": "Stage 1: C1–C7 segmentation (MONAI 3D "
                                     "network, LightningCLI). Use `fit -c configs/stage1/"
                                     "cpu.yaml --data.data_root DATA --data.work_dir WORK`."})

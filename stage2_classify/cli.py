@@ -19,38 +19,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
+from pytorch_lightning.cli import LightningCLI
 
+from common.tracking import RunConfigCallback
 from stage2_classify.data import CropDataModule, num_channels, preprocess_dict
 from stage2_classify.module import CropClassifier
 
 CHANNEL_SOURCES = ("data.windows", "data.all_mask", "data.vertebra_channels", "data.masked_image",
                    "data.lucency", "data.lucency_fill", "data.gap")
-
-
-class WandbSaveConfigCallback(SaveConfigCallback):
-    """Save ``config.yaml`` (never overwriting) and log the resolved config to W&B (rank 0).
-
-    A resumed fit (``--ckpt_path``) keeps the first run's ``config.yaml`` and saves its own
-    config beside it as ``config.resume<N>.yaml`` instead of refusing to start.
-    """
-
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        log_dir = trainer.log_dir
-        if (not self.already_saved and trainer.ckpt_path and log_dir
-                and (Path(log_dir) / self.config_filename).exists()):
-            n = 1
-            while (Path(log_dir) / f"config.resume{n}.yaml").exists():
-                n += 1
-            self.config_filename = f"config.resume{n}.yaml"
-        super().setup(trainer, pl_module, stage)
-
-    def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        from pytorch_lightning.loggers import WandbLogger
-
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger) and trainer.is_global_zero:
-                logger.experiment.config.update(self.config.as_dict(), allow_val_change=True)
 
 
 class Stage2CLI(LightningCLI):
@@ -120,8 +96,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> Stage2CLI:
     # Denormal floats slow CPU convolutions many-fold once small weights decay; flush them.
     torch.set_flush_denormal(True)
     return Stage2CLI(CropClassifier, CropDataModule, args=args, run=run,
-                     save_config_callback=WandbSaveConfigCallback,
-                     save_config_kwargs={"overwrite": False})
+                     save_config_callback=RunConfigCallback)
 
 
 def parse_settings(args: list[str]):

@@ -15,10 +15,10 @@ from typing import Any
 
 import pandas as pd
 
-from common.atomic import write_csv, write_json
+from common.atomic import write_csv
 from common.labels import OVERALL, TARGETS, VERTEBRAE
 from common.metric import competition_loss
-from common.paths import run_relative
+from common.run_record import write_run_record
 from stage2_classify.aggregate import aggregate, clip_probs, crops_to_study
 
 UID = "StudyInstanceUID"
@@ -85,12 +85,16 @@ def write_fold_oof(trainer: Any, model: Any, datamodule: Any, fold_dir: Path, oo
     wide["fold"] = fold
     write_csv(Path(oof_dir) / f"fold{fold}.csv", wide.reset_index())
     loss = competition_loss(datamodule.val_labels, clip_probs(wide[list(TARGETS)]))
-    write_json(Path(fold_dir) / "run.json", {
-        "fold": fold, "checkpoint": run_relative(ckpt, fold_dir), "chosen": which,
-        "monitor_score": score,
-        "oof_comp_loss_noisy_or": loss, "epochs": int(trainer.current_epoch),
-        "val_studies": len(wide), "val_crops": len(crops), "prior": datamodule.prior,
-        "oof_seconds": time.perf_counter() - start})
+    cb = trainer.checkpoint_callback
+    write_run_record(
+        fold_dir, "stage2", checkpoint=ckpt,
+        best_checkpoint=getattr(cb, "best_model_path", None) or None,
+        last_checkpoint=getattr(cb, "last_model_path", None) or None,
+        monitor=getattr(cb, "monitor", None), best_score=score,
+        epochs=trainer.current_epoch,
+        metrics={"oof_comp_loss_noisy_or": loss, "val_studies": len(wide),
+                 "val_crops": len(crops), "oof_seconds": time.perf_counter() - start},
+        fold=fold, chosen=which, prior=datamodule.prior)
     print(f"fold {fold}: OOF comp_loss {loss:.4f} (noisy-OR) from {ckpt.name} -> "
           f"{Path(oof_dir) / f'fold{fold}.csv'}")
     return wide

@@ -31,7 +31,7 @@ def test_stage1_fit_under_ddp(tiny_data, tmp_path):
                 "--data.work_dir", str(work), "--trainer.logger", "false", *DDP], tmp_path)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     run = json.loads((work / "stage1" / "run.json").read_text())
-    assert "val/dice_mean" in run["best_val"]
+    assert "val/dice_mean" in run["metrics"] and run["schema"] == 1
     assert (work / "stage1" / "checkpoints" / "last.ckpt").is_file()
 
 
@@ -46,5 +46,5 @@ def test_stage2_fit_and_oof_under_ddp(tiny_data, tmp_path):
                 "--oof_dir", str(work / "stage2" / "oof"), *DDP], tmp_path)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     run = json.loads((work / "stage2" / "fold0" / "run.json").read_text())
-    assert run["checkpoint"].endswith("last.ckpt") and run["val_studies"] > 0
+    assert run["checkpoint"].endswith("last.ckpt") and run["metrics"]["val_studies"] > 0
     assert (work / "stage2" / "oof" / "fold0.csv").is_file()

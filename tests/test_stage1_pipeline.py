@@ -100,9 +100,11 @@ def test_prepare_fit_crops_end_to_end(tiny_data, tmp_path):
             *_paths(tiny_data, tmp_path)]
     cli_main(["fit", *base, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2"])
     run = json.loads((tmp_path / "stage1" / "run.json").read_text())
-    assert not Path(run["best_checkpoint"]).is_absolute()  # a moved WORK keeps working
-    best = tmp_path / "stage1" / run["best_checkpoint"]
-    assert best.is_file() and "val/dice_C1" in run["best_val"]
+    assert run["schema"] == 1 and run["stage"] == "stage1"  # common/run_record.py
+    assert run["checkpoint"] == run["best_checkpoint"]
+    assert not Path(run["checkpoint"]).is_absolute()  # a moved WORK keeps working
+    best = tmp_path / "stage1" / run["checkpoint"]
+    assert best.is_file() and "val/dice_C1" in run["metrics"]
     # fit prepared (and decoded) only the segmented train studies; they are kept decoded
     prepared = pd.read_csv(tmp_path / "stage1" / "qc_prepare.csv")
     assert set(prepared["split"]) == {"train"} and prepared["has_mask"].all()
