@@ -14,13 +14,19 @@ import os
 from pathlib import Path
 
 import pytorch_lightning as pl
-from monai.data import CacheDataset, Dataset, list_data_collate
-from torch.utils.data import DataLoader
+from monai.data import CacheDataset, DataLoader, Dataset, list_data_collate
 
 from common.labels import num_classes as count_classes
 from common.layout import WorkLayout
 from stage1_segment.prepare import GridSettings, cache_path, list_studies, prepare_studies
 from stage1_segment.transforms import AugmentConfig, train_transforms, val_transforms
+
+
+def run_seed(default: int) -> int:
+    """The seed of this run: the one ``seed_everything`` set (``PL_GLOBAL_SEED``), else
+    ``default``."""
+    value = os.environ.get("PL_GLOBAL_SEED")
+    return int(value) if value not in (None, "") else int(default)
 
 
 class Stage1DataModule(pl.LightningDataModule):
@@ -119,8 +125,12 @@ class Stage1DataModule(pl.LightningDataModule):
         return Dataset(items, transform)
 
     def train_dataloader(self) -> DataLoader:
-        ds = self._dataset(self.train_uids, train_transforms(self.hu_window, self.augment,
-                                                             self.patch_size))
+        transform = train_transforms(self.hu_window, self.augment, self.patch_size)
+        # MONAI's random transforms draw from their own RandomState, seeded from the OS, not by
+        # seed_everything: seed it from the run's seed so a seeded fit augments the same way
+        # (MONAI's DataLoader reseeds it per worker from the seeded torch generator)
+        transform.set_random_state(seed=run_seed(self.hparams.fold_seed))
+        ds = self._dataset(self.train_uids, transform)
         return DataLoader(ds, batch_size=self.hparams.batch_size, shuffle=True,
                           num_workers=self.hparams.num_workers, collate_fn=list_data_collate,
                           persistent_workers=self.hparams.num_workers > 0, drop_last=False)
