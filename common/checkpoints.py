@@ -54,3 +54,15 @@ class EpochEndModelCheckpoint(ModelCheckpoint):
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:  # noqa: D102
         super().on_validation_end(trainer, pl_module)
         self._save_last_if_missing(trainer, at_train_epoch_end=False)
+
+
+def add_checkpoint_group(parser: Any, monitor: str, mode: str, filename: str) -> None:
+    """Both stages' checkpoint policy, as a ``checkpoint`` group of their LightningCLI parser
+    (configurable as ``checkpoint.*`` in YAML or on the command line, one place for both):
+    :class:`EpochEndModelCheckpoint` keeping the best by ``monitor`` (``mode``) plus
+    ``last.ckpt`` = the end of the latest epoch (what a resume and the OOF rows use)."""
+    parser.add_lightning_class_args(EpochEndModelCheckpoint, "checkpoint")
+    parser.set_defaults({"checkpoint.monitor": monitor, "checkpoint.mode": mode,
+                         "checkpoint.save_last": True, "checkpoint.save_top_k": 1,
+                         "checkpoint.auto_insert_metric_name": False,
+                         "checkpoint.filename": filename})

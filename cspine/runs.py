@@ -42,7 +42,7 @@ STAGE1_IGNORED = ("config", "data.data_root", "data.work_dir", "data.prepare_job
                   "checkpoint.dirpath", "trainer.logger", "trainer.enable_progress_bar",
                   "crops")
 #: The same for stage 2 (its inputs' contents are hashed separately).
-STAGE2_IGNORED = ("config", "data.manifest", "data.data_root", "data.folds_csv",
+STAGE2_IGNORED = ("config", "data.manifest", "data.data_root", "data.folds_csv", "checkpoint.dirpath",
                   "trainer.default_root_dir", "trainer.logger", "trainer.enable_progress_bar",
                   "oof_dir", "threads")
 

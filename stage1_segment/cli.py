@@ -26,7 +26,7 @@ from typing import Sequence
 
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
-from common.checkpoints import EpochEndModelCheckpoint
+from common.checkpoints import add_checkpoint_group
 from common.labels import num_classes
 from common.layout import WorkLayout
 from common.tracking import RunConfigCallback
@@ -47,13 +47,8 @@ class Stage1CLI(LightningCLI):
     """LightningCLI with the stage-1 links, checkpoint and crop groups (module docstring)."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:  # noqa: D102
-        parser.add_lightning_class_args(EpochEndModelCheckpoint, "checkpoint")
-        parser.set_defaults({
-            "checkpoint.monitor": "val/dice_mean", "checkpoint.mode": "max",
-            "checkpoint.save_last": True, "checkpoint.save_top_k": 1,
-            "checkpoint.auto_insert_metric_name": False,
-            "checkpoint.filename": "epoch{epoch:03d}-dice{val/dice_mean:.4f}",
-        })
+        add_checkpoint_group(parser, "val/dice_mean", "max",
+                             "epoch{epoch:03d}-dice{val/dice_mean:.4f}")
         parser.link_arguments("data.work_dir", "checkpoint.dirpath", compute_fn=checkpoint_dir)
         parser.link_arguments("data.thoracic", "model.num_classes", compute_fn=num_classes)
         parser.link_arguments("data.thoracic", "model.net.init_args.out_channels",

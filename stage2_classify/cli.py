@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from pytorch_lightning.cli import LightningCLI
 
+from common.checkpoints import add_checkpoint_group
 from common.tracking import RunConfigCallback
 from stage2_classify.data import CropDataModule, num_channels, preprocess_dict
 from stage2_classify.module import CropClassifier
@@ -47,6 +48,10 @@ class Stage2CLI(LightningCLI):
                               compute_fn=num_channels)
         parser.link_arguments(CHANNEL_SOURCES, "model.preprocess", compute_fn=preprocess_dict)
         parser.link_arguments("data.aux_bins", "model.aux_bins")
+        # the checkpoint policy of both stages (common/checkpoints.py); its folder is
+        # <default_root_dir>/checkpoints (before_fit)
+        add_checkpoint_group(parser, "val/comp_loss", "min",
+                             "epoch{epoch:02d}-comp{val/comp_loss:.4f}")
 
     def _sub(self) -> Any:
         return self.config[self.subcommand] if self.subcommand else self.config
