@@ -141,14 +141,6 @@ def dicom_position_of_slice(affine: np.ndarray, k: int) -> np.ndarray:
     return (LPS_TO_RAS @ affine @ np.array([0.0, 0.0, float(k), 1.0]))[:3]
 
 
-def dicom_orientation(affine: np.ndarray) -> list[float]:
-    """ImageOrientationPatient (LPS row then column direction cosines) of a volume's affine."""
-    lps = LPS_TO_RAS @ affine
-    row = lps[:3, 0] / np.linalg.norm(lps[:3, 0])
-    col = lps[:3, 1] / np.linalg.norm(lps[:3, 1])
-    return [float(v) for v in np.concatenate([row, col])]
-
-
 # ----------------------------------------------------------------------------- voxel ↔ mm
 def spacing_of(affine: np.ndarray) -> np.ndarray:
     """Voxel size in mm along each array axis: the column norms of the 3×3 part."""

@@ -71,7 +71,3 @@ def remap_rsna_mask(mask: np.ndarray, thoracic: ThoracicMode = "background",
         lut[8:20] = THORACIC_CLASS
     return lut[mask]
 
-
-def vertebra_of_class(index: int) -> str:
-    """Name of a model class index 1–7 (``"C1"`` … ``"C7"``)."""
-    return VERTEBRAE[index - 1]

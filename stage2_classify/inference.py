@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -144,13 +144,3 @@ def score_crops(models: Sequence[CropClassifier], crops: dict[str, CropInput],
     wide = aggregate(crops_to_study(frame, ["study"], prior), rule, stacker, clip)
     return {t: float(wide.at["study", t]) for t in TARGETS}
 
-
-def checkpoints_of_runs(run_dirs: Iterable[Path]) -> list[Path]:
-    """The checkpoint each fold run chose (``run.json`` → ``checkpoint``)."""
-    import json
-
-    out = []
-    for d in run_dirs:
-        info = json.loads((Path(d) / "run.json").read_text())
-        out.append(Path(info["checkpoint"]))
-    return out

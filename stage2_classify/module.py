@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -234,7 +233,3 @@ class CropClassifier(pl.LightningModule):
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
-
-def crop_frame_probs(rows: pd.DataFrame, probs: np.ndarray) -> pd.DataFrame:
-    """``study_uid, vertebra, prob`` rows for scored crops (``rows`` in dataset order)."""
-    return rows[["study_uid", "vertebra"]].assign(prob=np.asarray(probs, float)).reset_index(drop=True)

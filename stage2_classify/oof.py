@@ -8,7 +8,6 @@ rule). ``<fold_dir>/run.json`` records which checkpoint was chosen.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -118,8 +117,3 @@ def merge_oof(oof_dir: str | Path) -> pd.DataFrame:
         raise ValueError(f"{oof_dir}: OOF files lack columns {missing}")
     return frame.set_index(UID)
 
-
-def fold_runs(stage2_dir: str | Path) -> list[Path]:
-    """Fold run folders holding a run.json, sorted by fold."""
-    runs = [p.parent for p in Path(stage2_dir).glob("fold*/run.json")]
-    return sorted(runs, key=lambda p: json.loads((p / "run.json").read_text())["fold"])
