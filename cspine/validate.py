@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,28 +128,39 @@ def _record(result, volume, key: str, seconds: float) -> dict[str, Any]:
             "header": dict(qc.get("header") or {}),
             "thickness_mm": qc.get("thickness"), "spacing_mm": qc.get("spacing"),
             "source": qc.get("source", "dicom"),
-            "input_status": qc.get("status"), "engine_seconds": round(seconds, 3)}
+            "input_status": qc.get("status"), "engine_seconds": round(seconds, 3),
+            "anatomy": (result.anatomy or {}).get("status"),
+            "anatomy_reasons": list((result.anatomy or {}).get("reasons", [])),
+            "probabilities_source": result.probabilities_source}
 
 
 def run_models(studies: list[ValStudy], engines: list, out: Path, jobs: int = 2,
                lenient: bool = False, overview_threshold: float = 0.5,
-               progress: bool = True) -> tuple[list[dict[str, Any]], list[dict[str, dict]]]:
+               progress: bool = True, dicom: bool = False, threshold_source: str = ""
+               ) -> tuple[list[dict[str, Any]], list[dict[str, dict]]]:
     """Run every engine on every study (each study decoded once) and keep the records.
 
     Args:
         studies: the validation studies.
         engines: loaded :class:`cspine.engine.StudyEngine` s (the first draws the overviews).
         out: the validation folder.
-        overview_threshold: vertebrae with p ≥ this get an axial panel in the overview.
+        overview_threshold: vertebrae with p ≥ this get an axial panel in the overview (and
+            are flagged in the DICOM SR).
+        dicom: also write each study's DICOM SEG + SR (first engine) into
+            ``out/dicom/<UID>/`` (:func:`cspine.dicom_out.write_study_dicom`; a study without
+            source DICOM gets a warning in its record, the rest is written).
+        threshold_source: where ``overview_threshold`` came from (recorded in the SR).
 
     Returns:
         (one QC row per study, per engine ``{uid: record}`` of the studies that ran).
     """
     from common.atomic import write_json
     from cspine.overview import render_overview
+    from cspine.predict import implausible_warning
     from cspine.submit import models_key
 
     keys = [models_key(e.spec) for e in engines]
+    run_id = uuid.uuid4().hex
     records: list[dict[str, dict]] = [{} for _ in engines]
 
     def path(i: int, uid: str) -> Path:
@@ -162,6 +174,8 @@ def run_models(studies: list[ValStudy], engines: list, out: Path, jobs: int = 2,
                 return None
             docs.append(json.loads(p.read_text()))
         if not (out / "overviews" / f"{task.uid}.png").is_file():
+            return None
+        if dicom and "dicom" not in docs[0]:  # asked for now, not made then
             return None
         for i, doc in enumerate(docs):
             records[i][task.uid] = doc
@@ -178,7 +192,12 @@ def run_models(studies: list[ValStudy], engines: list, out: Path, jobs: int = 2,
                 first = result
                 render_overview(out / "overviews" / f"{task.uid}.png", volume,
                                 result.grid_labels, result.grid_affine, result.probabilities,
-                                overview_threshold, title=task.uid)
+                                overview_threshold, title=task.uid,
+                                warning=implausible_warning(result.anatomy))
+                if dicom:
+                    doc["dicom"], doc["warnings"] = _study_dicom(
+                        out / "dicom" / task.uid, engine, result, volume, overview_threshold,
+                        threshold_source, run_id)
             write_json(path(i, task.uid), doc)  # last: its presence means complete
             records[i][task.uid] = doc
         return {UID: task.uid, "status": "ok", "vertebrae_found": len(first.found)}
@@ -191,6 +210,28 @@ def run_models(studies: list[ValStudy], engines: list, out: Path, jobs: int = 2,
     qc = run_batch(tasks, process, current, on_failure, lenient=lenient, jobs=jobs,
                    desc="validate", progress=progress)
     return qc, records
+
+
+def _study_dicom(folder: Path, engine, result, volume, threshold: float, source: str,
+                 run_id: str) -> tuple[dict[str, Any], list[str]]:
+    """The DICOM SEG + SR of one validation study (``cspine predict --dicom``'s writer):
+    the mask in the CT geometry, the vertebrae at or above ``threshold`` flagged (none for an
+    implausible segmentation)."""
+    from common import geometry
+    from cspine.dicom_out import write_study_dicom
+    from cspine.predict import package_versions, sr_source
+
+    mask, _ = geometry.labels_to_grid(result.grid_labels, result.grid_affine, volume.affine,
+                                      volume.shape)
+    flagged = [] if result.implausible else \
+        [v for v in VERTEBRAE if result.probabilities[v] >= threshold]
+    folder.mkdir(parents=True, exist_ok=True)
+    problems: list[str] = []
+    models = {**(engine.spec.to_json() if engine.spec is not None else {}),
+              "probabilities_source": sr_source(result)}
+    info = write_study_dicom(folder, volume, mask, volume.affine, result.probabilities, flagged,
+                             threshold, source, models, package_versions(), run_id, problems)
+    return info, problems
 
 
 def predictions_frame(studies: list[ValStudy], qc: list[dict[str, Any]], records: dict,
@@ -220,7 +261,7 @@ def validate(data: str | os.PathLike, work: str | os.PathLike, out: str | os.Pat
              prevalence: float = 0.06, recalibrate: float | None = None,
              replicates: int = 1000, seed: int = 20240, min_subgroup: int = 20,
              jobs: int = 2, device: str = "cpu", lenient: bool = False,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, dicom: bool = False) -> dict[str, Any]:
     """The whole validation (module docstring); returns the metrics dict.
 
     Args:
@@ -264,7 +305,9 @@ def validate(data: str | os.PathLike, work: str | os.PathLike, out: str | os.Pat
     engines = [StudyEngine.from_spec(models_from_work(w), device=device) for w in works]
     qc, records = run_models(studies, engines, out, jobs=jobs, lenient=lenient,
                              overview_threshold=points["vertebrae"][operating_point]["threshold"],
-                             progress=progress)
+                             progress=progress, dicom=dicom,
+                             threshold_source=f"metrics.json operating_points.vertebrae."
+                                              f"{operating_point} (out of fold)")
     frame = predictions_frame(studies, qc, records[0], group_cols)
     write_csv(out / "predictions.csv", frame)
     write_csv(out / "qc.csv", pd.DataFrame(qc))

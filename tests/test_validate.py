@@ -161,7 +161,7 @@ def test_validate_end_to_end_csv_form_subgroups_resume_and_page(site, tiny_data,
     out = tmp_path / "val"
     args = ["validate", str(csv), "--work", str(work), "--out", str(out), "--jobs", "1",
             "--min-subgroup", "2", "--replicates", "1000", "--recalibrate", "0.5",
-            "--no-progress"]
+            "--no-progress", "--dicom"]
     assert main(args) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert (m["n_listed"], m["n_scored"], m["n_unreadable"]) == (9, 8, 1)
@@ -182,6 +182,17 @@ def test_validate_end_to_end_csv_form_subgroups_resume_and_page(site, tiny_data,
     assert m["bootstrap"]["replicates"] == 1000
     assert set(m["recalibration"]["fit_studies"]).isdisjoint(m["recalibration"]["report_studies"])
     assert (out / "overviews" / f"{uids[1]}.png").is_file()
+    # --dicom: the SR (and the SEG where stage 1 found a vertebra) per DICOM study; the NIfTI
+    # study has no source DICOM: a warning in its record, its other outputs written
+    assert (out / "dicom" / uids[1] / "report_sr.dcm").is_file()
+    from cspine import dicom_out
+
+    sr = dicom_out.read_sr_probabilities(out / "dicom" / uids[1] / "report_sr.dcm")
+    assert sr["probabilities"] == pytest.approx(
+        pred.set_index(UID).loc[uids[1], [f"p_{t}" for t in sr["probabilities"]]].astype(float)
+        .rename(lambda c: c[2:]).to_dict())
+    first = json.loads(next((out / "records").glob("*/first.json")).read_text())
+    assert "no source DICOM" in first["dicom"]["error"] and first["warnings"]
     # a rerun skips every finished study
     assert main(args) == 0
     qc = pd.read_csv(out / "qc.csv", keep_default_na=False)

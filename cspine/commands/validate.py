@@ -50,6 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lenient", action="store_true",
                         help="repair what is well defined in the DICOM series")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--dicom", action="store_true",
+                        help="also write each study's DICOM SEG (C1-C7 on the source slices) and "
+                             "SR (the eight probabilities, flagged at the operating point) into "
+                             "OUT/dicom/<UID>/ (docs/dicom_output.md)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
                      operating_point=args.operating_point, prevalence=args.prevalence,
                      recalibrate=args.recalibrate, replicates=args.replicates, seed=args.seed,
                      min_subgroup=args.min_subgroup, jobs=args.jobs, device=args.device,
-                     lenient=args.lenient, progress=not args.no_progress)
+                     lenient=args.lenient, progress=not args.no_progress, dicom=args.dicom)
     except (PredictError, ValueError, OSError) as err:
         print(f"cspine validate: error: {err}", file=sys.stderr)
         return 2
