@@ -275,6 +275,9 @@ def validation_metrics(frame: pd.DataFrame, points: dict[str, Any], operating_po
     bad = frame[frame["status"] != "ok"]
     out: dict[str, Any] = {
         "n_listed": len(frame), "n_scored": len(ok), "n_unreadable": len(bad),
+        # scored on the models' prior: their segmentation failed the anatomy check
+        "n_implausible": int((ok.get("anatomy", pd.Series(dtype=str))
+                              == "implausible_segmentation").sum()),
         "unreadable": [{UID: r[UID], "reason": r["reason"], "path": r["path"]}
                        for _, r in bad.iterrows()],
         "operating_point": operating_point, "prevalence": prevalence,

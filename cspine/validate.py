@@ -250,6 +250,7 @@ def predictions_frame(studies: list[ValStudy], qc: list[dict[str, Any]], records
         row.update({t: s.labels[t] for t in TARGETS})
         row.update({f"p_{t}": (rec["probabilities"][t] if rec else np.nan) for t in TARGETS})
         row["vertebrae_found"] = len(rec["vertebrae_found"]) if rec else 0
+        row["anatomy"] = (rec or {}).get("anatomy") or ""
         row.update(header_groups(rec))
         row.update({c: s.groups.get(c, "") for c in group_cols})
         rows.append(row)

@@ -87,6 +87,11 @@ def _studies(m: dict[str, Any]) -> str:
              f"{m['n_unreadable']} unreadable (not scored; every statistic below covers the "
              f"{m['n_scored']} scored studies). Prevalence on this site: patient "
              f"{_fmt(m['prevalence_site'][OVERALL])}.</p>"]
+    if m.get("n_implausible"):
+        parts.append(f"<p class='warn'><b>{m['n_implausible']} scored studies have a "
+                     f"segmentation that failed the anatomy check</b> (implausible_segmentation: "
+                     f"their probabilities are the models' prior, as the pipeline reports them; "
+                     f"see their overviews and records).</p>")
     if m["unreadable"]:
         parts.append("<h3>Unreadable studies</h3>" + table(
             [(u[UID], u["reason"], u["path"] or "(no path)") for u in m["unreadable"]],

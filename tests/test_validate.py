@@ -169,6 +169,10 @@ def test_validate_end_to_end_csv_form_subgroups_resume_and_page(site, tiny_data,
     pred = pd.read_csv(out / "predictions.csv", dtype={UID: str}, keep_default_na=False)
     assert len(pred) == 9 and (pred["status"] == "unreadable").sum() == 1
     assert pred.loc[0, UID] == "first" and pred.loc[0, "status"] == "ok"
+    # the few-step models segment at random: the anatomy check flags studies, and the metrics
+    # count them (their probabilities are the prior, as the pipeline reports them)
+    flagged = int((pred["anatomy"] == "implausible_segmentation").sum())
+    assert m["n_implausible"] == flagged and flagged > 0
     # subgroups from the headers: two vendors, two thickness bins, and the CSV's column
     sub = m["subgroups"]
     vendors = {r["value"]: r["n"] for r in sub["manufacturer"]}

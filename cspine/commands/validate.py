@@ -82,6 +82,9 @@ def format_summary(m: dict) -> str:
 
     lines = [f"validated {m['n_scored']} of {m['n_listed']} studies ({m['n_unreadable']} "
              f"unreadable) in {m['seconds']:.0f} s"]
+    if m.get("n_implausible"):
+        lines.append(f"WARNING: {m['n_implausible']} scored studies failed the anatomy check "
+                     f"(implausible_segmentation): their probabilities are the models' prior")
     if m.get("auc"):
         a = m["auc"]
         op = m["operating_points"]["patient_overall"][m["operating_point"]]
