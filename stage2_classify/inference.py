@@ -38,16 +38,21 @@ def instantiate_net(config: dict) -> torch.nn.Module:
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> CropClassifier:
     """Rebuild a :class:`CropClassifier` from a stage-2 checkpoint (eval mode)."""
+    import io
+
     from common.checkpoints import unreadable_checkpoint
 
     with unreadable_checkpoint(path):
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        data = Path(path).read_bytes()  # one read; deserialised for the net config, then by
+        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)  # Lightning
     if not isinstance(ckpt, dict) or "net_config" not in ckpt:
         raise ValueError(f"{path}: not a stage-2 checkpoint (no net_config); train with "
                          f"`python -m stage2_classify fit`")
-    hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
-    model = CropClassifier(net=instantiate_net(ckpt["net_config"]), **hparams)
-    model.load_state_dict(ckpt["state_dict"])
+    # Lightning's own loader, as for stage 1; the network is the one module the checkpoint's
+    # hyperparameters leave out (built from its class_path config, saved as net_config)
+    model = CropClassifier.load_from_checkpoint(io.BytesIO(data), map_location=map_location,
+                                                weights_only=False,
+                                                net=instantiate_net(ckpt["net_config"]))
     model.net_config = ckpt["net_config"]
     # channels-last 3-D: 15 % faster DenseNet121 inference on this CPU (predict_full benchmark)
     return model.to(map_location).to(memory_format=torch.channels_last_3d).eval()
