@@ -40,7 +40,7 @@ def parse_only(cli_class: type, model_class: type, datamodule_class: type,
             warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
             cli = ParseOnly(model_class, datamodule_class, args=list(args), run=False,
                             save_config_callback=None, parser_kwargs={"exit_on_error": False})
-    except (ArgumentError, TypeError) as exc:
+    except ArgumentError as exc:
         text = " ".join(str(exc).split())
         raise ValueError(f"{cli_class.__name__} settings: {text[:400]}") from None
     return cli.config

@@ -81,6 +81,20 @@ class StudyResult:
         """Whether the anatomy check failed."""
         return bool(self.anatomy) and self.anatomy["status"] == "implausible_segmentation"
 
+    def flagged(self, threshold: float) -> list[str]:
+        """Vertebrae with p ≥ ``threshold`` — none for an implausible segmentation, whose
+        probabilities are the prior and say nothing about this study."""
+        if self.probabilities is None or self.implausible:
+            return []
+        return [v for v in VERTEBRAE if self.probabilities[v] >= threshold]
+
+    def probabilities_note(self) -> str:
+        """Where the probabilities come from, in one line (for the DICOM SR): ``model``, or
+        ``prior (implausible_segmentation: <first reasons>)``."""
+        if not self.implausible:
+            return self.probabilities_source or "model"
+        return f"prior (implausible_segmentation: {'; '.join(self.anatomy['reasons'][:2])})"
+
     @property
     def found(self) -> list[str]:
         """Vertebrae with a crop."""

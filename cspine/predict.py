@@ -217,8 +217,7 @@ def predict_study(study: str | os.PathLike, out_dir: str | os.PathLike, engine: 
     original_affine, original_shape = _input_geometry(volume)
     mask, method = geometry.labels_to_grid(result.grid_labels, result.grid_affine,
                                            original_affine, original_shape)
-    # the prior of an implausible segmentation says nothing about this study: nothing is flagged
-    flagged = [] if result.implausible else [v for v in VERTEBRAE if probs[v] >= threshold]
+    flagged = result.flagged(threshold)
     t0 = time.perf_counter()
     cam_doc, points, heat, warnings = class_activation(engine, result, volume, flagged, cam)
     result.timing_s["cam"] = time.perf_counter() - t0
@@ -274,7 +273,7 @@ def predict_study(study: str | os.PathLike, out_dir: str | os.PathLike, engine: 
             doc["dicom"] = write_study_dicom(
                 tmp, volume, mask, original_affine, doc["probabilities"], doc["flagged"],
                 threshold, threshold_source,
-                {**(doc["models"] or {}), "probabilities_source": sr_source(result)},
+                {**(doc["models"] or {}), "probabilities_source": result.probabilities_note()},
                 doc["versions"], run_id, warnings)
             written += [f for f in ("vertebrae_seg.dcm", "report_sr.dcm") if (tmp / f).exists()]
             doc["timing_s"]["dicom"] = round(time.perf_counter() - t0, 3)
@@ -318,14 +317,6 @@ def _publish(tmp: Path, out_dir: Path, written: list[str]) -> None:
     for name in OPTIONAL_FILES:
         if name not in written and (out_dir / name).exists():
             (out_dir / name).unlink()
-
-
-def sr_source(result: StudyResult) -> str:
-    """Where the reported probabilities come from, for the SR: ``model``, or the prior with
-    the anatomy check's first reasons."""
-    if not result.implausible:
-        return result.probabilities_source or "model"
-    return f"prior ({implausible_warning(result.anatomy, most=2).split(' - ')[0]})"
 
 
 def implausible_warning(anatomy: dict[str, Any] | None, most: int = 3) -> str:

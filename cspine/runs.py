@@ -79,7 +79,7 @@ def run_state(run_dir: str | os.PathLike) -> RunState:
     run_dir = Path(run_dir)
     fp = run_dir / FINGERPRINT
     return RunState(finished=(run_dir / "run.json").is_file(),
-                    recorded=fp.read_text().strip() or None if fp.is_file() else None,
+                    recorded=(fp.read_text().strip() or None) if fp.is_file() else None,
                     has_last=(run_dir / "checkpoints" / "last.ckpt").is_file())
 
 

@@ -132,7 +132,7 @@ def submit(work: str | os.PathLike, data_root: str | os.PathLike, rule: str | No
     from cspine.dicom_out import write_study_dicom
     from cspine.engine import StudyEngine
     from cspine.models import models_from_work, operating_point
-    from cspine.predict import package_versions, sr_source
+    from cspine.predict import package_versions
 
     work, data_root = Path(work), Path(data_root)
     layout = WorkLayout(work)
@@ -192,8 +192,7 @@ def submit(work: str | os.PathLike, data_root: str | os.PathLike, rule: str | No
         for name in ("vertebrae_seg.dcm", "report_sr.dcm"):
             (folder / name).unlink(missing_ok=True)  # from an earlier run
         if dicom:
-            flagged = [] if result.implausible else \
-                [v for v in VERTEBRAE if doc["probabilities"][v] >= threshold]
+            flagged = result.flagged(threshold)
             warnings: list[str] = []
             doc.update(run_id=run_id, threshold=threshold, threshold_source=threshold_source,
                        flagged=flagged)
@@ -201,7 +200,7 @@ def submit(work: str | os.PathLike, data_root: str | os.PathLike, rule: str | No
                                              doc["probabilities"], flagged, threshold,
                                              threshold_source,
                                              {**spec.to_json(),
-                                              "probabilities_source": sr_source(result)},
+                                              "probabilities_source": result.probabilities_note()},
                                              versions, run_id, warnings)
             qc["warnings"] = " | ".join(warnings)
         write_json(folder / "probabilities.json", doc)  # last: its presence means complete

@@ -219,16 +219,15 @@ def _study_dicom(folder: Path, engine, result, volume, threshold: float, source:
     implausible segmentation)."""
     from common import geometry
     from cspine.dicom_out import write_study_dicom
-    from cspine.predict import package_versions, sr_source
+    from cspine.predict import package_versions
 
     mask, _ = geometry.labels_to_grid(result.grid_labels, result.grid_affine, volume.affine,
                                       volume.shape)
-    flagged = [] if result.implausible else \
-        [v for v in VERTEBRAE if result.probabilities[v] >= threshold]
+    flagged = result.flagged(threshold)
     folder.mkdir(parents=True, exist_ok=True)
     problems: list[str] = []
     models = {**(engine.spec.to_json() if engine.spec is not None else {}),
-              "probabilities_source": sr_source(result)}
+              "probabilities_source": result.probabilities_note()}
     info = write_study_dicom(folder, volume, mask, volume.affine, result.probabilities, flagged,
                              threshold, source, models, package_versions(), run_id, problems)
     return info, problems

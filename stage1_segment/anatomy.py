@@ -28,6 +28,7 @@ measured on the ground-truth and predicted masks they were set against.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -102,7 +103,7 @@ class AnatomyLimits:
         import yaml
 
         try:
-            values = yaml.safe_load(open(path).read())
+            values = yaml.safe_load(Path(path).read_text())
         except yaml.YAMLError as exc:
             raise ValueError(f"{path}: not YAML: {exc}".splitlines()[0]) from None
         return cls.from_mapping(values, where=str(path))
@@ -131,7 +132,8 @@ def vertebra_stats(labels: np.ndarray, affine: np.ndarray, hu: np.ndarray,
     """
     out: dict[str, dict[str, Any]] = {}
     voxel_ml = abs(float(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0
-    s_axis = int(np.argmax(np.abs(np.asarray(affine)[2, :3])))  # grid axis closest to S
+    codes = geometry.axcodes(affine)  # the grid axis that runs inferior-superior
+    s_axis = codes.index("S") if "S" in codes else codes.index("I")
     rng = np.random.default_rng(0)
     top = np.asarray(hu.shape) - 1
     for i, name in enumerate(VERTEBRAE):
